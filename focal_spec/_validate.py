@@ -1,0 +1,374 @@
+"""Validation of every option, with the one set of error messages both backends raise.
+
+Everything here works on static facts only: Python numbers, shapes as tuples and
+dtypes as names (``"float32"``, ``"int64"``, ``"bool"``...). Nothing touches array
+values that could live on a device, so a check never syncs a GPU and works under
+``jax.jit`` (where it runs at trace time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+from focal_spec import _options
+
+# ----------------------------------------------------------------------------------------
+# Messages. Keras' shape: name the argument, what is allowed, what was received.
+# ----------------------------------------------------------------------------------------
+
+
+def invalid_value(arg: str, expected: str, received: Any) -> str:
+    return f"Invalid value for argument `{arg}`. Expected {expected}. Received: {arg}={received!r}"
+
+
+def invalid_dtype(arg: str, expected: str, received: str) -> str:
+    return f"Invalid dtype for argument `{arg}`. Expected {expected}. Received: {arg}.dtype={received}"
+
+
+def invalid_shape(arg: str, expected: str, received: tuple[int, ...], logits_shape: tuple[int, ...]) -> str:
+    return (
+        f"Invalid shape for argument `{arg}`. Expected {expected}. "
+        f"Received: {arg}.shape={tuple(received)}, logits.shape={tuple(logits_shape)}"
+    )
+
+
+def label_out_of_range(value: int, num_classes: int, ignore_index: int) -> str:
+    """Message for a class index outside ``[0, num_classes)`` that is not ``ignore_index``."""
+    return invalid_value(
+        "labels",
+        f"class indices in [0, {num_classes}) or ignore_index={ignore_index}",
+        int(value),
+    )
+
+
+def original_logits_false_weights() -> str:
+    """Text of the RuntimeWarning that the original modules meant to raise with logits=False and weights."""
+    return (
+        "`weights` with logits=False now weight each position by the weight of its target class "
+        "(the original module dropped them silently); the mean stays the plain mean over positions."
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Dtypes as names.
+# ----------------------------------------------------------------------------------------
+
+
+def dtype_name(dtype: Any) -> str:
+    """Canonical name of a NumPy, JAX or torch dtype: ``torch.float32`` -> ``"float32"``."""
+    name = str(dtype)
+    for prefix in ("torch.", "dtype(", "<class 'numpy."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    return name.strip("')\"")
+
+
+def dtype_kind(name: str) -> str:
+    """One of ``"float"``, ``"int"``, ``"bool"``, ``"complex"`` or ``"other"``."""
+    if name == "bool":
+        return "bool"
+    if name in _options.FLOAT_DTYPES or name.startswith("float"):
+        return "float"
+    if name.startswith("int") or name.startswith("uint"):
+        return "int"
+    if name.startswith("complex"):
+        return "complex"
+    return "other"
+
+
+def compute_dtype(logits_dtype: str) -> str:
+    """The dtype the math runs in: float64 for float64 logits, else float32.
+
+    Half-precision logits (float16, bfloat16) are computed in float32 and the result is
+    cast back to the logits' dtype.
+    """
+    return "float64" if dtype_name(logits_dtype) == "float64" else "float32"
+
+
+def check_logits_dtype(dtype: Any) -> str:
+    name = dtype_name(dtype)
+    if dtype_kind(name) != "float":
+        raise TypeError(invalid_dtype("logits", "a floating dtype " + str(_options.FLOAT_DTYPES), name))
+    return name
+
+
+# ----------------------------------------------------------------------------------------
+# Scalar options.
+# ----------------------------------------------------------------------------------------
+
+
+def _as_float(arg: str, value: Any, expected: str) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(invalid_value(arg, expected, value))
+    try:
+        return float(value)
+    except Exception:  # a traced value, a tensor with many elements, a string...
+        raise TypeError(
+            invalid_value(arg, expected + " known when the loss is built (not a traced array)", value)
+        ) from None
+
+
+def check_gamma(gamma: Any) -> float:
+    expected = "a finite number >= 0"
+    g = _as_float("gamma", gamma, expected)
+    if not math.isfinite(g) or g < 0:
+        raise ValueError(invalid_value("gamma", expected, gamma))
+    return g
+
+
+def integer_gamma(gamma: float, largest: int = 8) -> int | None:
+    """``int(gamma)`` when γ is a small whole number (a multiply-only fast path), else None."""
+    if gamma == int(gamma) and 0 <= gamma <= largest:
+        return int(gamma)
+    return None
+
+
+def check_unit_interval(arg: str, value: Any) -> float:
+    expected = "a number in [0, 1]"
+    v = _as_float(arg, value, expected)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(invalid_value(arg, expected, value))
+    return v
+
+
+def check_label_smoothing(label_smoothing: Any) -> float:
+    return check_unit_interval("label_smoothing", label_smoothing)
+
+
+def check_reduction(reduction: Any) -> str:
+    if not isinstance(reduction, str) or reduction not in _options.REDUCTIONS:
+        raise ValueError(invalid_value("reduction", f"one of {_options.REDUCTIONS}", reduction))
+    return reduction
+
+
+def check_ignore_index(ignore_index: Any) -> int:
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(invalid_value("ignore_index", "an integer", ignore_index))
+    return int(ignore_index)
+
+
+def normalize_axis(axis: Any, ndim: int, arg: str = "axis") -> int:
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(invalid_value(arg, "an integer", axis))
+    if not -ndim <= axis < ndim:
+        raise ValueError(invalid_value(arg, f"an integer in [{-ndim}, {ndim}) for {ndim}-d logits", axis))
+    return int(axis) % ndim
+
+
+def is_scalar(value: Any) -> bool:
+    """A Python or NumPy number, or a 0-d NumPy array: something checkable on the host."""
+    return isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0)
+
+
+def check_alpha(alpha: Any, logits_shape: tuple[int, ...]) -> float | None | str:
+    """Returns None (off), a float in [0, 1], or ``"array"`` for an array that broadcasts to the logits.
+
+    Array values are range-checked when they are NumPy data (on the host); device arrays
+    are checked for shape only, so that the check never syncs a device.
+    """
+    if alpha is None:
+        return None
+    if is_scalar(alpha):
+        return check_unit_interval("alpha", alpha)
+    shape = tuple(np.shape(alpha)) if not hasattr(alpha, "shape") else tuple(alpha.shape)
+    check_broadcast("alpha", shape, logits_shape)
+    if isinstance(alpha, (np.ndarray, list, tuple)):
+        a = np.asarray(alpha, dtype=np.float64)
+        if not np.all((a >= 0) & (a <= 1)):
+            bad = a[~((a >= 0) & (a <= 1))].ravel()[0]
+            raise ValueError(invalid_value("alpha", "values in [0, 1]", float(bad)))
+    return "array"
+
+
+# ----------------------------------------------------------------------------------------
+# Shapes.
+# ----------------------------------------------------------------------------------------
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    for s, t in zip(reversed(shape), reversed(target), strict=False):
+        if s != 1 and s != t:
+            return False
+    return True
+
+
+def check_broadcast(arg: str, shape: tuple[int, ...], logits_shape: tuple[int, ...],
+                    target_shape: tuple[int, ...] | None = None, what: str = "the logits' shape") -> None:
+    """``shape`` must broadcast to ``target_shape`` (default: the logits' shape) without changing it."""
+    target = tuple(logits_shape) if target_shape is None else tuple(target_shape)
+    if not _broadcasts_to(tuple(shape), target):
+        raise ValueError(invalid_shape(arg, f"a shape that broadcasts to {what} {target}", tuple(shape), logits_shape))
+
+
+def check_class_weight(arg: str, shape: tuple[int, ...], num_classes: int, logits_shape: tuple[int, ...]) -> None:
+    if tuple(shape) != (num_classes,):
+        raise ValueError(
+            invalid_shape(arg, f"one weight per class, shape ({num_classes},)", tuple(shape), logits_shape)
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# Whole-call validation. Backends pass shapes and dtype names, and get normalized options back.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidOptions:
+    gamma: float
+    gamma_int: int | None
+    alpha: float | None | str  # None, a float, or "array"
+    label_smoothing: float
+    reduction: str
+    compute_dtype: str
+    logits_dtype: str
+
+
+def sigmoid_options(
+    logits_shape: tuple[int, ...], logits_dtype: Any, targets_shape: tuple[int, ...], targets_dtype: Any, *,
+    gamma: Any, alpha: Any, weight_shape: tuple[int, ...] | None, label_smoothing: Any,
+    where_shape: tuple[int, ...] | None, reduction: Any,
+) -> SigmoidOptions:
+    """Validates a ``sigmoid_focal_loss`` call. Shapes are tuples; dtypes are dtype objects or names."""
+    logits_shape = tuple(logits_shape)
+    ldt = check_logits_dtype(logits_dtype)
+    tdt = dtype_name(targets_dtype)
+    if dtype_kind(tdt) not in ("float", "int", "bool"):
+        raise TypeError(invalid_dtype("targets", "a floating, integer or boolean dtype", tdt))
+    check_broadcast("targets", targets_shape, logits_shape)
+    g = check_gamma(gamma)
+    a = check_alpha(alpha, logits_shape)
+    if weight_shape is not None:
+        check_broadcast("weight", weight_shape, logits_shape)
+    if where_shape is not None:
+        check_broadcast("where", where_shape, logits_shape)
+    return SigmoidOptions(
+        gamma=g, gamma_int=integer_gamma(g), alpha=a, label_smoothing=check_label_smoothing(label_smoothing),
+        reduction=check_reduction(reduction), compute_dtype=compute_dtype(ldt), logits_dtype=ldt,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxOptions:
+    gamma: float
+    gamma_int: int | None
+    label_kind: str  # "index" (integer class labels) or "probs" (class probabilities)
+    axis: int  # normalized class axis, in [0, ndim)
+    num_classes: int
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
+    compute_dtype: str
+    logits_dtype: str
+
+
+def softmax_options(
+    logits_shape: tuple[int, ...], logits_dtype: Any, labels_shape: tuple[int, ...], labels_dtype: Any, *,
+    gamma: Any, weight_shape: tuple[int, ...] | None, ignore_index: Any, label_smoothing: Any,
+    where_shape: tuple[int, ...] | None, axis: Any, reduction: Any, axis_arg: str = "axis",
+) -> SoftmaxOptions:
+    """Validates a ``softmax_focal_loss`` call (``axis_arg`` is ``"dim"`` in torch)."""
+    logits_shape = tuple(logits_shape)
+    labels_shape = tuple(labels_shape)
+    ldt = check_logits_dtype(logits_dtype)
+    if len(logits_shape) == 0:
+        raise ValueError(invalid_shape("logits", "at least one dimension (the class axis)", logits_shape, logits_shape))
+    ax = normalize_axis(axis, len(logits_shape), axis_arg)
+    positions = logits_shape[:ax] + logits_shape[ax + 1:]
+    num_classes = logits_shape[ax]
+    ydt = dtype_name(labels_dtype)
+    kind = dtype_kind(ydt)
+    if kind == "int":
+        if labels_shape != positions:
+            raise ValueError(invalid_shape(
+                "labels", f"class indices of the logits' shape without the class axis, {positions}",
+                labels_shape, logits_shape))
+        label_kind = "index"
+    elif kind == "float":
+        if labels_shape == positions:
+            raise TypeError(invalid_dtype(
+                "labels", f"an integer dtype for class indices of shape {positions} "
+                f"(floating labels must be class probabilities of the logits' shape {logits_shape})", ydt))
+        if labels_shape != logits_shape:
+            raise ValueError(invalid_shape(
+                "labels", f"class probabilities of the logits' shape {logits_shape}, "
+                f"or integer class indices of shape {positions}", labels_shape, logits_shape))
+        label_kind = "probs"
+    else:
+        raise TypeError(invalid_dtype("labels", "integer class indices or floating class probabilities", ydt))
+    g = check_gamma(gamma)
+    if weight_shape is not None:
+        check_class_weight("weight", weight_shape, num_classes, logits_shape)
+    if where_shape is not None:
+        check_broadcast("where", where_shape, logits_shape, positions, "the logits' shape without the class axis")
+    return SoftmaxOptions(
+        gamma=g, gamma_int=integer_gamma(g), label_kind=label_kind, axis=ax, num_classes=num_classes,
+        ignore_index=check_ignore_index(ignore_index), label_smoothing=check_label_smoothing(label_smoothing),
+        reduction=check_reduction(reduction), compute_dtype=compute_dtype(ldt), logits_dtype=ldt,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# The original blog modules.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginalOptions:
+    gamma: float
+    weights: tuple[float, ...] | None
+    logits: bool
+
+
+def original_options(gamma: Any, weights: Any, logits: Any, n_classes: Any = None) -> OriginalOptions:
+    """Validates the constructor of ``SegmentationFocalLoss`` / ``ClassificationFocalLoss``."""
+    g = check_gamma(gamma)
+    if not isinstance(logits, (bool, np.bool_)):
+        raise TypeError(invalid_value("logits", "True or False", logits))
+    if n_classes is not None:
+        if isinstance(n_classes, (bool, np.bool_)) or not isinstance(n_classes, numbers.Integral) or n_classes < 1:
+            raise ValueError(invalid_value("n_classes", "an integer >= 1", n_classes))
+    w = None
+    if weights is not None:
+        arr = np.asarray(weights.tolist() if hasattr(weights, "tolist") else weights, dtype=np.float64)
+        if arr.ndim != 1:
+            raise ValueError(invalid_value("weights", "a 1-d sequence of one weight per class", weights))
+        if n_classes is not None and arr.shape[0] != n_classes:
+            raise ValueError(invalid_value("weights", f"{n_classes} weights, one per class (n_classes={n_classes})",
+                                           tuple(arr.tolist())))
+        w = tuple(float(v) for v in arr)
+    return OriginalOptions(gamma=g, weights=w, logits=bool(logits))
+
+
+def check_original_call(pred_shape: tuple[int, ...], pred_dtype: Any, teacher_shape: tuple[int, ...],
+                        weights: tuple[float, ...] | None, axis: int, classification: bool) -> tuple[int, str]:
+    """Validates a call of an original module. Returns (normalized class axis, teacher kind).
+
+    Teacher kind is ``"dense"`` (one-hot or soft, the pred's shape) or ``"index"`` (class indices,
+    the pred's shape without the class axis; ClassificationFocalLoss only).
+    """
+    pred_shape, teacher_shape = tuple(pred_shape), tuple(teacher_shape)
+    check_logits_dtype(pred_dtype)
+    if len(pred_shape) < 2:
+        raise ValueError(invalid_shape("pred", "at least (batch, classes)", pred_shape, pred_shape))
+    ax = normalize_axis(axis, len(pred_shape))
+    positions = pred_shape[:ax] + pred_shape[ax + 1:]
+    if teacher_shape == pred_shape:
+        kind = "dense"
+    elif classification and teacher_shape == positions:
+        kind = "index"
+    else:
+        expected = f"the pred's shape {pred_shape}"
+        if classification:
+            expected += f", or class indices of shape {positions}"
+        raise ValueError(invalid_shape("teacher", expected, teacher_shape, pred_shape))
+    if weights is not None and len(weights) != pred_shape[ax]:
+        raise ValueError(invalid_value(
+            "weights", f"{pred_shape[ax]} weights, one per class of pred.shape={pred_shape}", weights))
+    return ax, kind
