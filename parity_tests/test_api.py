@@ -1,0 +1,72 @@
+"""The two backends expose the same public names, keyword arguments and defaults."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import focal_spec
+
+TORCH_ONLY = {"SigmoidFocalLoss", "SoftmaxFocalLoss"}  # nn.Module wrappers of the functionals
+# Per-ecosystem names for the same thing: the class axis and the multi-device handle, and torch's
+# (input, target) positional names.
+RENAMED = {"axis": "dim", "axis_name": "process_group", "logits": "input", "targets": "target", "labels": "target"}
+
+
+def test_every_public_name_has_its_twin():
+    import focal_jax
+    import focal_torch
+
+    assert set(focal_jax.__all__) == set(focal_torch.__all__) - TORCH_ONLY
+    assert TORCH_ONLY <= set(focal_torch.__all__)
+    for name in focal_jax.__all__:
+        assert hasattr(focal_jax, name) and hasattr(focal_torch, name), name
+
+
+def _params(fn):
+    sig = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn)
+    return {n: p for n, p in sig.parameters.items() if n != "self"}
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal_loss", "softmax_focal_loss", "positive_normalizer",
+                                  "SegmentationFocalLoss", "ClassificationFocalLoss"])
+def test_twins_share_arguments_and_defaults(name):
+    import focal_jax
+    import focal_torch
+
+    j, t = _params(getattr(focal_jax, name)), _params(getattr(focal_torch, name))
+    j.pop("axis", None) if name in ("SegmentationFocalLoss", "ClassificationFocalLoss") else None
+    assert [RENAMED.get(n, n) for n in j] == list(t), (list(j), list(t))
+    for n, p in j.items():
+        q = t[RENAMED.get(n, n)]
+        assert p.kind == q.kind, n
+        if n in ("axis", "axis_name"):
+            continue
+        assert p.default == q.default, n
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal_loss", "softmax_focal_loss"])
+def test_defaults_come_from_the_spec(name):
+    import focal_jax
+    import focal_torch
+
+    for mod, axis_arg, axis_default in ((focal_jax, "axis", focal_spec.JAX_CLASS_AXIS),
+                                        (focal_torch, "dim", focal_spec.TORCH_CLASS_DIM)):
+        p = _params(getattr(mod, name))
+        assert p["gamma"].default == focal_spec.GAMMA
+        assert p["reduction"].default == focal_spec.REDUCTION
+        assert p["label_smoothing"].default == focal_spec.LABEL_SMOOTHING
+        if name == "softmax_focal_loss":
+            assert p["ignore_index"].default == focal_spec.IGNORE_INDEX
+            assert p[axis_arg].default == axis_default
+
+
+def test_torch_modules_take_the_functional_arguments():
+    import focal_torch
+
+    for mod, fn in (("SigmoidFocalLoss", "sigmoid_focal_loss"), ("SoftmaxFocalLoss", "softmax_focal_loss")):
+        m = _params(getattr(focal_torch, mod))
+        f = {n: p for n, p in _params(getattr(focal_torch, fn)).items() if n not in ("input", "target")}
+        assert list(m) == list(f)
+        assert all(m[n].default == f[n].default for n in f)

@@ -1,0 +1,127 @@
+"""Property-based tests over shapes (0-d to 4-d, size-0 dimensions included), dtypes and every option.
+
+The default profile is sized for CI. FOCAL_HYPOTHESIS=thorough runs many more examples.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from focal_spec import reference
+from parity_tests import _harness as H
+
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=400, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROFILE = os.environ.get("FOCAL_HYPOTHESIS", "ci")
+
+shapes = st.lists(st.integers(0, 4), min_size=0, max_size=4).map(tuple)
+nonempty_shapes = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
+gammas = st.sampled_from([0, 0.0, 0.25, 0.5, 1.0, 1.5, 2, 3.7, 5.0])
+dtypes = st.sampled_from(["float32", "float64"])
+
+
+@st.composite
+def sigmoid_calls(draw):
+    shape = draw(shapes)
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    scale = draw(st.sampled_from([1.0, 5.0, 30.0]))
+    x = rng.normal(scale=scale, size=shape)
+    t = draw(st.sampled_from(["hard", "soft"]))
+    t = (rng.uniform(size=shape) < 0.5).astype(float) if t == "hard" else rng.uniform(size=shape)
+    kw = {
+        "gamma": draw(gammas),
+        "alpha": draw(st.sampled_from([None, 0.0, 0.25, 1.0, "array"])),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1, 1.0])),
+        "reduction": draw(st.sampled_from(H.REDUCTIONS)),
+    }
+    if kw["alpha"] == "array":
+        kw["alpha"] = rng.uniform(size=shape[-1:])
+    if draw(st.booleans()):
+        kw["weight"] = rng.uniform(0.1, 3.0, size=shape[-1:])
+    if draw(st.booleans()):
+        kw["where"] = rng.uniform(size=shape) < 0.7
+    return H.Inputs(x, t, kw, draw(dtypes))
+
+
+@st.composite
+def softmax_calls(draw):
+    # the torch layout (N, C, ...): positions are 1-d to 3-d (size 0 allowed), C >= 1
+    positions = tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=3)))
+    c = draw(st.integers(1, 5))
+    shape = positions[:1] + (c,) + positions[1:]
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    x = rng.normal(scale=draw(st.sampled_from([1.0, 5.0, 30.0])), size=shape)
+    kw = {
+        "gamma": draw(gammas),
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1])),
+        "reduction": draw(st.sampled_from(H.REDUCTIONS)),
+    }
+    if draw(st.booleans()):
+        y = rng.integers(0, c, size=positions)
+        if draw(st.booleans()):
+            y = np.where(rng.uniform(size=positions) < 0.3, -100, y)
+    else:
+        y = np.moveaxis(rng.dirichlet(np.ones(c), size=positions), -1, 1)
+    if draw(st.booleans()):
+        kw["weight"] = rng.uniform(0.1, 3.0, size=(c,))
+    if draw(st.booleans()):
+        kw["where"] = rng.uniform(size=positions) < 0.7
+    return H.Inputs(x, y, kw, draw(dtypes))
+
+
+def _check_against_reference(loss, inp):
+    rv, rg = H.run_reference(loss, H.Inputs(inp.logits.astype(inp.dtype).astype(np.float64), inp.labels,
+                                            inp.kwargs, "float64", inp.per_class))
+    jv, jg = H.run_jax(loss, inp)
+    tv, tg = H.run_torch(loss, inp)
+    for v, g, who in ((jv, jg, "jax"), (tv, tg, "torch")):
+        assert np.isfinite(v).all() and np.isfinite(g).all(), who
+        H.assert_close(v, rv, inp.dtype, f"{who} value", scale_atol=max(1.0, float(np.abs(rv).max(initial=0))))
+        H.assert_close(g, rg, inp.dtype, f"{who} gradient")
+    H.assert_close(jv, tv, inp.dtype, "jax vs torch", scale_atol=max(1.0, float(np.abs(rv).max(initial=0))))
+
+
+@settings(settings.get_profile(PROFILE))
+@given(sigmoid_calls())
+def test_sigmoid_properties(inp):
+    _check_against_reference("sigmoid", inp)
+
+
+@settings(settings.get_profile(PROFILE))
+@given(softmax_calls())
+def test_softmax_properties(inp):
+    _check_against_reference("softmax", inp)
+
+
+@settings(settings.get_profile(PROFILE))
+@given(sigmoid_calls())
+def test_focal_is_at_most_cross_entropy_and_gamma0_is_cross_entropy(inp):
+    kw = {k: v for k, v in inp.kwargs.items() if k not in ("alpha", "reduction")}
+    fl, _ = reference.sigmoid_focal_loss(inp.logits, inp.labels, **kw, reduction="none")
+    kw["gamma"] = 0.0
+    ce, _ = reference.sigmoid_focal_loss(inp.logits, inp.labels, **kw, reduction="none")
+    assert np.all(fl <= ce * (1 + 1e-12) + 1e-300)
+    # γ = 0 is the (weighted, masked, smoothed) BCE: softplus(x) - t' x
+    eps = kw["label_smoothing"]
+    tp = inp.labels * (1 - eps) + eps / 2
+    bce = np.logaddexp(0.0, inp.logits) - tp * inp.logits
+    w = np.broadcast_to(kw.get("weight", 1.0), np.shape(inp.logits))
+    mask = np.broadcast_to(kw.get("where", True), np.shape(inp.logits))
+    np.testing.assert_allclose(ce, np.where(mask, w * bce, 0.0), rtol=1e-10, atol=1e-12)
+
+
+@settings(settings.get_profile(PROFILE))
+@given(sigmoid_calls())
+def test_alpha_one_keeps_only_positives(inp):
+    t = (inp.labels > 0.5).astype(float)
+    kw = {k: v for k, v in inp.kwargs.items() if k not in ("alpha", "label_smoothing", "reduction")}
+    full, _ = reference.sigmoid_focal_loss(inp.logits, t, **kw, reduction="none")
+    pos, _ = reference.sigmoid_focal_loss(inp.logits, t, **kw, alpha=1.0, reduction="none")
+    np.testing.assert_array_equal(pos, np.where(t == 1, full, 0.0))
