@@ -89,7 +89,8 @@ def _softmax_parts(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np
         rest = np.delete(xm, k, axis=-1)
         others[..., k] = np.logaddexp.reduce(rest, axis=-1) if c > 1 else -np.inf
     log1mp = others - lse
-    logp = np.where(log1mp < -_LN2, np.log1p(-np.exp(log1mp)), xm - lse)
+    with np.errstate(divide="ignore"):
+        logp = np.where(log1mp < -_LN2, np.log1p(-np.exp(log1mp)), xm - lse)
     return logp, log1mp, np.exp(logp)
 
 

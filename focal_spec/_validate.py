@@ -103,7 +103,7 @@ def check_logits_dtype(dtype: Any) -> str:
 
 
 def _as_float(arg: str, value: Any, expected: str) -> float:
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_, str, bytes)):
         raise TypeError(invalid_value(arg, expected, value))
     try:
         return float(value)

@@ -161,7 +161,6 @@ def softmax_inputs(case: dict[str, Any]) -> Inputs:
     x = rng.normal(scale=3.0, size=shape)
     kw: dict[str, Any] = {"gamma": case["gamma"], "reduction": case["reduction"],
                           "label_smoothing": case["label_smoothing"]}
-    per_class = []
     if case["labels"] == "index":
         y = rng.integers(0, c, size=positions)
         if case["ignore"] is not None:
@@ -172,13 +171,12 @@ def softmax_inputs(case: dict[str, Any]) -> Inputs:
     else:
         y = np.moveaxis(rng.dirichlet(np.ones(c), size=positions), -1, 1)
     if case["weight"] == "per_class":
-        kw["weight"] = rng.uniform(0.5, 2.0, size=c)
-        per_class.append("weight")
+        kw["weight"] = rng.uniform(0.5, 2.0, size=c)  # (C,) in both layouts
     if case["where"] == "mask":
         mask = rng.uniform(size=positions) < 0.8
         x = np.where(np.expand_dims(mask, 1), x, np.nan)
         kw["where"] = mask
-    return Inputs(x, y, kw, case["dtype"], tuple(per_class))
+    return Inputs(x, y, kw, case["dtype"])
 
 
 def original_inputs(case: dict[str, Any]) -> tuple[Inputs, dict[str, Any]]:
@@ -248,9 +246,10 @@ def _label_dtype_jax(labels: np.ndarray, dtype: str):
 
 
 def run_jax(loss: str, inp: Inputs, transform: str = "eager") -> tuple[np.ndarray, np.ndarray]:
-    import focal_jax
     import jax
     import jax.numpy as jnp
+
+    import focal_jax
 
     nd = inp.logits.ndim
     with jax.enable_x64(inp.dtype == "float64"):
@@ -283,8 +282,9 @@ def _torch_dtype(name: str):
 
 
 def run_torch(loss: str, inp: Inputs) -> tuple[np.ndarray, np.ndarray]:
-    import focal_torch
     import torch
+
+    import focal_torch
 
     real = torch.float64 if inp.dtype == "float64" else torch.float32
     kw = _layout_kwargs(inp, "torch", inp.logits.ndim)
@@ -320,8 +320,9 @@ def run_original(backend: str, inp: Inputs, ctor: dict[str, Any], module: str,
         return reference.original_focal_loss(inp.logits, inp.labels, **ctor)
     cls_name = "SegmentationFocalLoss" if module == "segmentation" else "ClassificationFocalLoss"
     if backend == "torch":
-        import focal_torch
         import torch
+
+        import focal_torch
 
         real = torch.float64 if inp.dtype == "float64" else torch.float32
         loss = getattr(focal_torch, cls_name)(**ctor)
@@ -330,9 +331,10 @@ def run_original(backend: str, inp: Inputs, ctor: dict[str, Any], module: str,
         out = loss(x, y)
         out.backward()
         return out.detach().numpy().astype(np.float64), x.grad.numpy().astype(np.float64)
-    import focal_jax
     import jax
     import jax.numpy as jnp
+
+    import focal_jax
 
     with jax.enable_x64(inp.dtype == "float64"):
         real = jnp.float64 if inp.dtype == "float64" else jnp.float32

@@ -89,7 +89,8 @@ def test_bad_input_raises_the_spec_error(backend, bad):
     name, loss, logits, labels, kwargs, exc = bad
     expected = _expected(loss, logits, labels, kwargs)
     assert type(expected) is exc
-    with pytest.raises(exc, match="^" + re.escape(str(expected)) + "$"):
+    # under jit, JAX may append a note on filtered traceback frames after the message
+    with pytest.raises(exc, match="^" + re.escape(str(expected)) + r"($|\n)"):
         CALLERS[backend](loss, logits, labels, kwargs)
 
 

@@ -32,9 +32,10 @@ def _opt_id(o):
 
 @pytest.mark.parametrize("opts", SIG_OPTS, ids=_opt_id)
 def test_torch_sigmoid_gamma0_is_bce_with_logits(opts):
-    import focal_torch
     import torch
     import torch.nn.functional as F
+
+    import focal_torch
 
     x, t, w, m = _sig_inputs(opts)
     eps = opts["label_smoothing"]
@@ -61,9 +62,10 @@ def test_torch_sigmoid_gamma0_is_bce_with_logits(opts):
 
 def test_torch_sigmoid_gamma0_mean_is_bce_mean_exactly():
     """With no options, 'mean' is exactly F.binary_cross_entropy_with_logits' own mean, in float32."""
-    import focal_torch
     import torch
     import torch.nn.functional as F
+
+    import focal_torch
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 10, generator=g) * 4
@@ -87,9 +89,10 @@ SOFT_OPTS = [
 
 @pytest.mark.parametrize("opts", SOFT_OPTS, ids=_opt_id)
 def test_torch_softmax_gamma0_is_cross_entropy(opts):
-    import focal_torch
     import torch
     import torch.nn.functional as F
+
+    import focal_torch
 
     rng = np.random.default_rng(1)
     x = rng.normal(scale=3.0, size=(6, 5, 3))
@@ -115,10 +118,11 @@ def test_torch_softmax_gamma0_is_cross_entropy(opts):
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_jax_gamma0_is_optax_cross_entropy(soft):
-    import focal_jax
     import jax
     import jax.numpy as jnp
     import optax
+
+    import focal_jax
 
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(scale=3.0, size=(8, 5)), jnp.float32)
@@ -183,9 +187,31 @@ def test_soft_target_convention_is_linear_and_differs_from_peers():
         ours, _ = reference.sigmoid_focal_loss(x, tt, gamma=gamma, reduction="none")
         for peer in (linear, kornia, monai, geometric):
             np.testing.assert_allclose(ours, peer(tt), rtol=1e-12)
-    for t in (0.5, 0.9):
+    for t in (0.3, 0.9):  # (at t = 0.5 MONAI's modulator is 0.5^γ, as is ours)
         tt = np.full(3, t)
         ours, _ = reference.sigmoid_focal_loss(x, tt, gamma=gamma, reduction="none")
         np.testing.assert_allclose(ours, linear(tt), rtol=1e-12)
         for peer in (kornia, monai, geometric):
             assert np.abs(ours - peer(tt)).max() > 1e-3
+
+
+def test_kornia_migration_rows_hold():
+    """The README's migration table: kornia's binary loss equals ours for 0/1 targets, and its softmax
+    focal_loss(alpha=a, reduction="mean") equals our sum with weight [1-a, a, ...] over numel."""
+    kornia = pytest.importorskip("kornia")
+    import torch
+
+    import focal_torch
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) * 3
+    t = (torch.rand(4, 3, 5, 5, generator=g) < 0.3).double()
+    theirs = kornia.losses.binary_focal_loss_with_logits(x, t, alpha=0.25, gamma=2.0, reduction="none")
+    ours = focal_torch.sigmoid_focal_loss(x, t, alpha=0.25, reduction="none")
+    H.assert_close(ours, theirs, "float64")
+    y = torch.randint(0, 3, (4, 5, 5), generator=g)
+    a = 0.25
+    theirs = kornia.losses.focal_loss(x, y, alpha=a, gamma=2.0, reduction="mean")
+    ours = focal_torch.softmax_focal_loss(x, y, weight=torch.tensor([1 - a] + [a] * 2, dtype=torch.float64),
+                                          reduction="sum") / x.numel()
+    H.assert_close(ours, theirs, "float64")

@@ -1,0 +1,21 @@
+"""PyTorch focal losses: functional API and ``nn.Module`` wrappers.
+
+The semantics, defaults and error messages are those of :mod:`focal_spec`. The class dim is 1,
+as in ``F.cross_entropy`` ((N, C, ...)). Device and dtype follow the input.
+"""
+
+from focal_torch._distributed import positive_normalizer
+from focal_torch._modules import SigmoidFocalLoss, SoftmaxFocalLoss
+from focal_torch._original import ClassificationFocalLoss, SegmentationFocalLoss
+from focal_torch._sigmoid import sigmoid_focal_loss
+from focal_torch._softmax import softmax_focal_loss
+
+__all__ = [
+    "ClassificationFocalLoss",
+    "SegmentationFocalLoss",
+    "SigmoidFocalLoss",
+    "SoftmaxFocalLoss",
+    "positive_normalizer",
+    "sigmoid_focal_loss",
+    "softmax_focal_loss",
+]

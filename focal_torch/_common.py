@@ -1,0 +1,140 @@
+"""Private helpers shared by the torch losses: dtypes, autocast, chunking and option plumbing."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+import focal_spec
+
+LN2 = math.log(2.0)
+
+SOFTPLUS_THRESHOLD = 40.0
+"""``F.softplus`` returns x itself above this. 40 (not torch's default 20) keeps float64 exact:
+exp(-40) is below half an ulp of 40, while exp(-20) is not."""
+
+CHUNK = 1 << 18
+"""Elements per piece in the eager kernels. Large inputs are processed piece by piece, so that the
+temporaries stay in cache and are recycled by the allocator instead of being faulted in afresh."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype is computed in float32 (focal_spec.compute_dtype)."""
+    return getattr(torch, focal_spec.compute_dtype(focal_spec.dtype_name(dtype)))
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off: every op of a loss runs in the compute dtype chosen here, not in a lower one."""
+    if device.type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def as_tensor(value: Any, *, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor | None:
+    """``None`` stays ``None``; tensors, NumPy arrays, sequences and numbers become a tensor on ``device``."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    return torch.as_tensor(value, dtype=dtype, device=device)
+
+
+def shape_of(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if hasattr(value, "shape"):
+        return tuple(value.shape)
+    return tuple(torch.as_tensor(value).shape)
+
+
+def scalar_or_tensor(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """A 0-d coefficient as a Python float when that costs no device sync (CPU, eager), else a tensor."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu" and not is_compiling():
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype)
+    return value
+
+
+# ----------------------------------------------------------------------------------------
+# Chunking (eager only).
+# ----------------------------------------------------------------------------------------
+
+
+def _flattenable(x: torch.Tensor, operands: Sequence[torch.Tensor | None]) -> bool:
+    if not x.is_contiguous():
+        return False
+    for op in operands:
+        if op is None or op.numel() == 1:
+            continue
+        if tuple(op.shape) != tuple(x.shape) or not op.is_contiguous():
+            return False
+    return True
+
+
+def chunked(x: torch.Tensor, *operands: torch.Tensor | None,
+            chunk: int | None = None) -> Iterator[tuple[slice | None, tuple[torch.Tensor | None, ...]]]:
+    """Yields ``(region, (x_piece, *operand_pieces))``. ``region`` indexes the flattened output when
+    everything could be flattened, else rows of dim 0; ``None`` means the whole tensor in one piece.
+
+    Operands broadcast against ``x``: one that has x's full extent along the split dimension is
+    sliced with it; any other (a per-class vector, a scalar) is passed whole.
+    """
+    chunk = CHUNK if chunk is None else chunk
+    n = x.numel()
+    if x.dim() == 0 or n <= chunk:
+        yield None, (x, *operands)
+        return
+    if _flattenable(x, operands):
+        xs = x.reshape(-1)
+        ops = [None if op is None else op.reshape(-1) for op in operands]
+        for i in range(0, n, chunk):
+            sl = slice(i, min(i + chunk, n))
+            yield sl, (xs[sl], *[None if op is None or op.numel() == 1 else op[sl] for op in ops])
+        return
+    rows = x.shape[0]
+    step = max(1, chunk // max(1, n // rows))
+    for i in range(0, rows, step):
+        sl = slice(i, min(i + step, rows))
+        pieces = []
+        for op in operands:
+            if op is not None and op.dim() == x.dim() and op.shape[0] == rows:
+                op = op[sl]
+            pieces.append(op)
+        yield sl, (x[sl], *pieces)
+
+
+def write_piece(out: torch.Tensor, region: slice | None, value: torch.Tensor) -> None:
+    """Writes ``value`` into ``out`` at ``region`` as yielded by :func:`chunked` (casting to out's dtype)."""
+    if region is None:
+        out.copy_(value.reshape(out.shape))
+    elif out.dim() > 0 and value.dim() == 1 and out.dim() != 1:
+        out.view(-1)[region].copy_(value)
+    else:
+        out[region].copy_(value)
+
+
+def ipow(q: torch.Tensor, n: int, *, inplace: bool) -> torch.Tensor:
+    """q**n for a small whole n >= 1 by repeated multiplication (no pow, exp or log)."""
+    if n == 1:
+        return q
+    if inplace and n & (n - 1) == 0:  # a power of two: square in place
+        while n > 1:
+            q = q.mul_(q)
+            n //= 2
+        return q
+    r = q * q
+    for _ in range(n - 2):
+        r = r.mul_(q) if inplace else r * q
+    return r

@@ -1,0 +1,161 @@
+"""``nn.Module`` wrappers: they store the options and call the functional losses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+import focal_spec
+from focal_torch._sigmoid import sigmoid_focal_loss
+from focal_torch._softmax import softmax_focal_loss
+
+
+def _store(module: nn.Module, name: str, value: Any) -> None:
+    """Tensors become buffers (they follow ``module.to(...)``); anything else a plain attribute."""
+    if isinstance(value, torch.Tensor):
+        module.register_buffer(name, value)
+    else:
+        setattr(module, name, value)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return repr(value)
+
+
+class SigmoidFocalLoss(nn.Module):
+    r"""Module form of :func:`focal_torch.sigmoid_focal_loss`.
+
+    .. math::
+        \ell = \alpha_t \, w \, (1-p_t)^\gamma \, \mathrm{ce}
+
+    It stores the options (``alpha``, ``weight`` and ``where`` tensors as buffers) and calls the
+    functional with them; see that function for the semantics.
+
+    Args:
+      gamma: focusing parameter, >= 0.
+      alpha: ``None``, a number in [0, 1], or a tensor broadcasting to the logits.
+      weight: optional tensor broadcasting to the logits.
+      label_smoothing: in [0, 1].
+      where: optional boolean tensor broadcasting to the logits.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      process_group: optional ``torch.distributed`` process group for an exact global mean.
+
+    Call ``loss(input, target)`` with logits and targets as for the functional.
+
+    Returns:
+      What :func:`focal_torch.sigmoid_focal_loss` returns.
+
+    Raises:
+      ValueError: ``gamma`` < 0 or an unknown ``reduction`` (at construction); the functional's errors
+        at call.
+
+    Examples:
+      >>> import torch
+      >>> from focal_torch import SigmoidFocalLoss
+      >>> loss = SigmoidFocalLoss(gamma=2.0, alpha=0.25)
+      >>> loss
+      SigmoidFocalLoss(gamma=2.0, alpha=0.25, weight=None, label_smoothing=0.0, where=None, reduction='mean')
+      >>> print(f"{loss(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])).item():.6f}")
+      0.008722
+
+    References:
+      Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
+    """
+
+    def __init__(self, gamma: float = focal_spec.GAMMA, alpha: float | torch.Tensor | None = focal_spec.ALPHA,
+                 weight: torch.Tensor | None = None, label_smoothing: float = focal_spec.LABEL_SMOOTHING,
+                 where: torch.Tensor | None = None, reduction: str = focal_spec.REDUCTION,
+                 process_group: Any = None) -> None:
+        super().__init__()
+        focal_spec.check_gamma(gamma)
+        focal_spec.check_reduction(reduction)
+        self.gamma = gamma
+        _store(self, "alpha", alpha)
+        _store(self, "weight", weight)
+        self.label_smoothing = label_smoothing
+        _store(self, "where", where)
+        self.reduction = reduction
+        self.process_group = process_group
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return sigmoid_focal_loss(input, target, gamma=self.gamma, alpha=self.alpha, weight=self.weight,
+                                  label_smoothing=self.label_smoothing, where=self.where,
+                                  reduction=self.reduction, process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        s = (f"gamma={self.gamma}, alpha={_show(self.alpha)}, weight={_show(self.weight)}, "
+             f"label_smoothing={self.label_smoothing}, where={_show(self.where)}, reduction={self.reduction!r}")
+        return s + (f", process_group={self.process_group!r}" if self.process_group is not None else "")
+
+
+class SoftmaxFocalLoss(nn.Module):
+    r"""Module form of :func:`focal_torch.softmax_focal_loss`.
+
+    .. math::
+        \ell_i = -\sum_c w_c \, q_c \, (1-p_c)^\gamma \log p_c
+
+    It stores the options (``weight`` and ``where`` tensors as buffers) and calls the functional
+    with them; see that function for the semantics.
+
+    Args:
+      gamma: focusing parameter, >= 0.
+      weight: optional per-class weights of shape (C,).
+      ignore_index: class index whose positions contribute 0.
+      label_smoothing: in [0, 1].
+      where: optional boolean tensor broadcasting to the positions.
+      dim: the class dim of the logits.
+      reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+      process_group: optional ``torch.distributed`` process group for an exact global mean.
+
+    Call ``loss(input, target)`` with logits and labels as for the functional.
+
+    Returns:
+      What :func:`focal_torch.softmax_focal_loss` returns.
+
+    Raises:
+      ValueError: ``gamma`` < 0 or an unknown ``reduction`` (at construction); the functional's errors
+        at call.
+
+    Examples:
+      >>> import torch
+      >>> from focal_torch import SoftmaxFocalLoss
+      >>> loss = SoftmaxFocalLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
+      >>> loss
+      SoftmaxFocalLoss(gamma=2.0, weight=tensor(shape=(3,), dtype=torch.float32), ignore_index=-100, label_smoothing=0.0, where=None, dim=1, reduction='mean')
+      >>> print(f"{loss(torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([1])).item():.6f}")
+      1.184346
+
+    References:
+      Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
+    """
+
+    def __init__(self, gamma: float = focal_spec.GAMMA, weight: torch.Tensor | None = None,
+                 ignore_index: int = focal_spec.IGNORE_INDEX, label_smoothing: float = focal_spec.LABEL_SMOOTHING,
+                 where: torch.Tensor | None = None, dim: int = focal_spec.TORCH_CLASS_DIM,
+                 reduction: str = focal_spec.REDUCTION, process_group: Any = None) -> None:
+        super().__init__()
+        focal_spec.check_gamma(gamma)
+        focal_spec.check_reduction(reduction)
+        self.gamma = gamma
+        _store(self, "weight", weight)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        _store(self, "where", where)
+        self.dim = dim
+        self.reduction = reduction
+        self.process_group = process_group
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return softmax_focal_loss(input, target, gamma=self.gamma, weight=self.weight, ignore_index=self.ignore_index,
+                                  label_smoothing=self.label_smoothing, where=self.where, dim=self.dim,
+                                  reduction=self.reduction, process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        s = (f"gamma={self.gamma}, weight={_show(self.weight)}, ignore_index={self.ignore_index}, "
+             f"label_smoothing={self.label_smoothing}, where={_show(self.where)}, dim={self.dim}, "
+             f"reduction={self.reduction!r}")
+        return s + (f", process_group={self.process_group!r}" if self.process_group is not None else "")
