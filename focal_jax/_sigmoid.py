@@ -36,22 +36,32 @@ def binary_cross_entropy(x: jax.Array, t: jax.Array) -> jax.Array:
     return _cross_entropy(x, t, pos, e)
 
 
-def _parts(x: jax.Array, t: jax.Array) -> tuple[jax.Array, ...]:
-    """σ(x), σ(-x), the cross-entropy and 1-p_t, each without cancellation."""
-    pos, e = _exp_neg_abs(x)
+def _parts(x: jax.Array, t: jax.Array, for_value: bool = False) -> tuple[jax.Array, ...]:
+    """σ(x), σ(-x), the cross-entropy, 1-p_t and log(σ(x)σ(-x)), each without cancellation.
+
+    ``for_value`` spells exp(-|x|) with ``abs``: the same numbers, but an expression XLA does not
+    merge with the derivative's, so that ``value_and_grad`` recomputes the few elementwise operations
+    in each pass instead of keeping input-sized intermediates alive between them. (The value's own
+    autodiff is never used: the derivative comes from the custom JVP rule.)
+    """
+    if for_value:
+        pos, e = x >= 0, jnp.exp(-jnp.abs(x))
+    else:
+        pos, e = _exp_neg_abs(x)
     inv = 1.0 / (1.0 + e)
     ei = e * inv
     s = jnp.where(pos, inv, ei)  # σ(x)
     sn = jnp.where(pos, ei, inv)  # σ(-x)
-    ce = _cross_entropy(x, t, pos, e)
+    l1pe = jnp.log1p(e)
+    ce = l1pe + jnp.where(pos, (1.0 - t) * x, -t * x)  # as _cross_entropy
     q = t * sn + (1.0 - t) * s  # 1 - p_t: a sum of two non-negative terms
-    return s, sn, ce, q
-
+    log_s_sn = -2.0 * l1pe - jnp.where(pos, x, -x)  # log σ(x) + log σ(-x) = -2 log1p(e^-|x|) - |x|
+    return s, sn, ce, q, log_s_sn
 
 
 def _value(x: jax.Array, t: jax.Array, gamma: float, gamma_int: int | None) -> jax.Array:
     """The unscaled elementwise loss (1-p_t)^γ · ce."""
-    _, _, ce, q = _parts(x, t)
+    _, _, ce, q, _ = _parts(x, t, for_value=True)
     if gamma_int is not None:
         return _common.power(q, gamma_int) * ce
     return jnp.exp(gamma * jnp.log(jnp.maximum(q, _common.tiny(x.dtype)))) * ce
@@ -61,24 +71,31 @@ def _coefficient(x: jax.Array, t: jax.Array, gamma: float, gamma_int: int | None
     """d/dx of the unscaled loss: γ m (1-2t') r ce + m (σ(x) - t'), with r = σ(x)σ(-x)/(1-p_t).
 
     σ(x) - t' is written (1-t')σ(x) - t'σ(-x), exact for hard targets at saturated logits. With an
-    integer γ, m·r = q^(γ-1) σ(x)σ(-x): no division, no logarithm.
+    integer γ, m·r = q^(γ-1) σ(x)σ(-x): no division, no logarithm. Otherwise
+    m·r = exp((γ-1) log q + log σ(x)σ(-x)): no division by q either, so that differentiating this
+    coefficient again (``jax.hessian``) never divides by q², which underflows at saturated logits.
     """
-    s, sn, ce, q = _parts(x, t)
+    s, sn, ce, q, log_s_sn = _parts(x, t)
     bce = (1.0 - t) * s - t * sn
     if gamma_int == 0:
         return bce
     if gamma_int is not None:
         return _common.power(q, gamma_int - 1) * (gamma_int * (1.0 - 2.0 * t) * s * sn * ce + q * bce)
-    qc = jnp.maximum(q, _common.tiny(x.dtype))
-    m = jnp.exp(gamma * jnp.log(qc))
-    return m * (gamma * (1.0 - 2.0 * t) * (s * sn / qc) * ce + bce)
+    log_q = jnp.log(jnp.maximum(q, _common.tiny(x.dtype)))
+    m = jnp.exp(gamma * log_q)
+    m_r = jnp.exp((gamma - 1.0) * log_q + log_s_sn)
+    return gamma * (1.0 - 2.0 * t) * m_r * ce + m * bce
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _kernel(x: jax.Array, t: jax.Array, a: jax.Array | None, gamma: float, gamma_int: int | None) -> jax.Array:
     """The elementwise loss ``a · (1-p_t)^γ · ce``, whose derivative is ``a · _coefficient``."""
     value = _value(x, t, gamma, gamma_int)
-    return value if a is None else a * value
+    value = value if a is None else a * value
+    # Returns x where x is NaN (where the loss is NaN anyway): a select at the root keeps XLA from
+    # splitting this elementwise pass across the reduction that follows it, which would keep
+    # several input-sized intermediates alive.
+    return jnp.where(jnp.isnan(x), x, value)
 
 
 @_kernel.defjvp

@@ -17,9 +17,6 @@ import jax.numpy as jnp
 import focal_spec
 from focal_jax import _common, _distributed
 
-_LN2 = math.log(2.0)
-
-
 
 def _log_parts(others: jax.Array, s: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """log p, log(1-p) and 1-p from ``others`` = S·(1-p), the sum S and z = x - M.
@@ -31,21 +28,20 @@ def _log_parts(others: jax.Array, s: jax.Array, z: jax.Array) -> tuple[jax.Array
     log_s = jnp.log(s)
     omp = others / s
     log1mp = jnp.where(has_others, jnp.log(jnp.where(has_others, others, 1.0)) - log_s, -jnp.inf)
-    logp = jnp.where(log1mp < -_LN2, jnp.log1p(-omp), z - log_s)
+    logp = jnp.where(omp < 0.5, jnp.log1p(-omp), z - log_s)
     return logp, log1mp, omp
 
 
-def _modulator_and_kappa(logp: jax.Array, log1mp: jax.Array, omp: jax.Array, gamma: float,
+def _modulator_and_kappa(p: jax.Array, logp: jax.Array, log1mp: jax.Array, omp: jax.Array, gamma: float,
                          gamma_int: int | None) -> tuple[jax.Array | float, jax.Array]:
     """m = (1-p)^γ and κ = m (γ p ρ - 1) with ρ = log p / (1-p), so that dℓ/dz_c = -κ_c for ℓ = -m log p.
 
-    ρ tends to -1 as p -> 1 and is set to -1 where 1-p underflows to 0.
+    ρ tends to -1 as p -> 1 and is set to -1 where 1-p underflows to 0. With an integer γ,
+    m ρ = (1-p)^(γ-1) log p needs no division, and log(1-p) is not used at all.
     """
     if gamma_int == 0:
         return 1.0, -jnp.ones_like(logp)
-    p = jnp.exp(logp)
     if gamma_int is not None:
-        # m ρ = (1-p)^(γ-1) log p: no division
         m_1 = _common.power(omp, gamma_int - 1)
         return m_1 * omp, gamma_int * p * logp * m_1 - m_1 * omp
     m = jnp.exp(gamma * log1mp)
@@ -60,52 +56,55 @@ def _modulator_and_kappa(logp: jax.Array, log1mp: jax.Array, omp: jax.Array, gam
 # ----------------------------------------------------------------------------------------
 
 
-def _index_stats(x: jax.Array, y: jax.Array, valid: jax.Array, axis: int, gamma: float,
+def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float,
                  gamma_int: int | None) -> tuple[jax.Array, ...]:
-    """The other classes' e_k = exp(x_k - M) (0 at k = y), and per position (class axis kept, size 1):
-    S = Σ_k exp(x_k - M), Σ_{k≠y} e_k = S (1 - p_y), -m_y log p_y and κ_y.
+    """The other classes' e_k = exp(x_k - M) (0 at k = y), and per position: S = Σ_k exp(x_k - M),
+    Σ_{k≠y} e_k = S (1 - p_y), -m_y log p_y and κ_y.
 
-    1 - p_y = Σ_{k≠y} e_k / S is a sum of the other classes, never a difference: it stays exact
-    when p_y rounds to 1. Masked positions (``valid`` False) compute as all-zero logits.
+    ``code`` is the label y at counted positions and -1 elsewhere. 1 - p_y = Σ_{k≠y} e_k / S is a sum
+    over the other classes, never a difference, so it stays exact when p_y rounds to 1. Per-position
+    values keep the positions' shape (no size-1 class axis), which XLA vectorizes far better.
     """
     classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
-    yk = jnp.expand_dims(y, axis)
-    limit = jnp.expand_dims(jnp.where(valid, x.shape[axis], 0).astype(jnp.int32), axis)  # 0: a masked position
-    # Masked garbage (NaN, inf) never reaches the arithmetic: the row maximum and the labelled logit
-    # of a masked position are replaced by 0 before use, and its logits by 0 inside the exp pass.
-    keep = jnp.expand_dims(valid, axis)
+    code_k = jnp.expand_dims(code, axis)
+    counted = code >= 0
     zero = jnp.zeros((), x.dtype)
-    m_x = jnp.where(keep, jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)), zero)
-    z_y = jnp.where(keep, jnp.take_along_axis(x - m_x, yk, axis=axis, mode="promise_in_bounds"), zero)
-    e = jnp.where(classes != yk, jnp.exp(jnp.where(classes < limit, x, zero) - m_x), zero)
-    others = jnp.sum(e, axis=axis, keepdims=True)
+    # Garbage (NaN, inf) at positions that are not counted never reaches the arithmetic: their row
+    # maximum and labelled logit are replaced by 0 before use, and their logits by 0 inside the
+    # exp pass ((k | code) < 0 exactly when code = -1).
+    m_x = jnp.where(counted, jax.lax.stop_gradient(jnp.max(x, axis=axis, initial=-jnp.inf)), zero)
+    m_k = jnp.expand_dims(m_x, axis)
+    x_y = jnp.take_along_axis(x - m_k, jnp.expand_dims(jnp.maximum(code, 0), axis), axis=axis,
+                              mode="promise_in_bounds")
+    z_y = jnp.where(counted, jnp.squeeze(x_y, axis), zero)
+    e = jnp.where(classes != code_k, jnp.exp(jnp.where((classes | code_k) >= 0, x, zero) - m_k), zero)
+    others = jnp.sum(e, axis=axis)
     s = others + jnp.exp(z_y)
     logp, log1mp, omp = _log_parts(others, s, z_y)
-    m, kappa = _modulator_and_kappa(logp, log1mp, omp, gamma, gamma_int)
+    m, kappa = _modulator_and_kappa(jnp.exp(logp), logp, log1mp, omp, gamma, gamma_int)
     return e, s, others, -(m * logp), kappa
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
-def _index_kernel(x: jax.Array, y: jax.Array, valid: jax.Array, wy: jax.Array, axis: int, gamma: float,
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _index_kernel(x: jax.Array, code: jax.Array, wy: jax.Array, axis: int, gamma: float,
                   gamma_int: int | None) -> jax.Array:
-    """Per-position loss -w_y (1-p_y)^γ log p_y (``wy`` is w[y], 0 where not ``valid``)."""
-    loss = _index_stats(x, y, valid, axis, gamma, gamma_int)[3]
-    return wy * jnp.squeeze(loss, axis)
+    """Per-position loss -w_y (1-p_y)^γ log p_y (``wy`` is w[y], 0 where ``code`` is -1)."""
+    return wy * _index_stats(x, code, axis, gamma, gamma_int)[3]
 
 
 @_index_kernel.defjvp
 def _index_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
-    x, y, valid, wy = primals
-    dx = tangents[0]  # labels, masks and weights are constants
-    e, s, others, loss, kappa = _index_stats(x, y, valid, axis, gamma, gamma_int)
+    x, code, wy = primals
+    dx = tangents[0]  # labels and weights are constants
+    e, s, others, loss, kappa = _index_stats(x, code, axis, gamma, gamma_int)
     # dℓ/dx_k = w_y κ_y (δ_ky - p_k): w_y κ_y (1 - p_y) at k = y, -w_y κ_y e_k / S elsewhere (e_y is 0).
     # e and two numbers per position are all that the backward pass reads. per_e ends in a division,
     # which XLA computes once per position rather than once per class.
-    per_e = (jnp.expand_dims(wy, axis) * kappa) / s
-    at_y = per_e * others
-    is_y = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(y, axis)
-    d = jnp.sum(jnp.where(is_y, at_y, jnp.zeros_like(at_y)) * dx - e * per_e * dx, axis=axis)
-    return wy * jnp.squeeze(loss, axis), d
+    per_e = (wy * kappa) / s
+    at_y = jnp.expand_dims(per_e * others, axis)
+    is_y = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(code, axis)
+    d = jnp.sum(jnp.where(is_y, at_y, jnp.zeros_like(at_y)) * dx - e * jnp.expand_dims(per_e, axis) * dx, axis=axis)
+    return wy * loss, d
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def _index_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
 
 def _dense_stats(x: jax.Array, axis: int, gamma: float, gamma_int: int | None) -> tuple[jax.Array, ...]:
     """p_c, -m_c log p_c and κ_c for every class."""
-    m_x = jnp.max(x, axis=axis, keepdims=True)
+    m_x = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf))  # cancels out
     z = x - m_x
     e = jnp.exp(z)
     s = jnp.sum(e, axis=axis, keepdims=True)
@@ -126,8 +125,9 @@ def _dense_stats(x: jax.Array, axis: int, gamma: float, gamma_int: int | None) -
                 + (jnp.sum(at_max, axis=axis, keepdims=True, dtype=x.dtype) - 1.0))
     others = jnp.where(at_max, s_wo_max, s - e)
     logp, log1mp, omp = _log_parts(others, s, z)
-    m, kappa = _modulator_and_kappa(logp, log1mp, omp, gamma, gamma_int)
-    return e / s, -(m * logp), kappa
+    p = e / s
+    m, kappa = _modulator_and_kappa(p, logp, log1mp, omp, gamma, gamma_int)
+    return p, -(m * logp), kappa
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
@@ -246,14 +246,19 @@ def softmax_focal_loss(
         y = labels
         counted = y != opts.ignore_index
         valid = counted if valid is None else valid & counted
-        bad = valid & ((y < 0) | (y >= c))  # cannot raise under jit: these positions become NaN
-        ys = jnp.where(valid & ~bad, y, jnp.zeros_like(y)).astype(jnp.int32)
+        # One unsigned comparison tests 0 <= y < C. A label outside that range (and not ignore_index)
+        # cannot raise under jit: its position's loss becomes NaN.
+        unsigned = jnp.dtype(f"uint{8 * y.dtype.itemsize}") if jnp.issubdtype(y.dtype, jnp.signedinteger) else y.dtype
+        in_range = y.astype(unsigned) < c
+        bad = valid & ~in_range
+        code = jnp.where(valid & in_range, y, -1).astype(jnp.int32)  # the class, -1 where not counted
+        ys = jnp.maximum(code, 0)
         wy = valid.astype(cdt) if w is None else jnp.where(valid, w[ys], jnp.zeros((), cdt))
         wy = jnp.where(bad, jnp.full((), jnp.nan, cdt), wy)
         # Σ w[y] over counted positions; a bad label's NaN reaches the mean through its loss
         count = jnp.sum(valid, dtype=jnp.int32) if w is None else jnp.sum(wy)
         if eps == 0:
-            loss = _index_kernel(x, ys, valid, jax.lax.stop_gradient(wy), ax, opts.gamma, opts.gamma_int)
+            loss = _index_kernel(x, code, jax.lax.stop_gradient(wy), ax, opts.gamma, opts.gamma_int)
             return _distributed.reduce_loss(loss, opts.reduction, count, axis_name).astype(logits.dtype)
         x = jnp.where(jnp.expand_dims(valid, ax), x, jnp.zeros_like(x))  # masked garbage never reaches the math
         classes = jax.lax.broadcasted_iota(ys.dtype, x.shape, ax)

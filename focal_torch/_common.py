@@ -12,12 +12,13 @@ import torch
 import focal_spec
 
 LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
 
 SOFTPLUS_THRESHOLD = 40.0
 """``F.softplus`` returns x itself above this. 40 (not torch's default 20) keeps float64 exact:
 exp(-40) is below half an ulp of 40, while exp(-20) is not."""
 
-CHUNK = 1 << 18
+CHUNK = 1 << 17
 """Elements per piece in the eager kernels. Large inputs are processed piece by piece, so that the
 temporaries stay in cache and are recycled by the allocator instead of being faulted in afresh."""
 
@@ -29,6 +30,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def can_read_values(t: torch.Tensor) -> bool:
+    """Whether eager code may look at ``t``'s values (not while compiling, nor on the meta device)."""
+    return not is_compiling() and t.device.type != "meta"
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
@@ -58,12 +64,10 @@ def shape_of(value: Any) -> tuple[int, ...] | None:
     return tuple(torch.as_tensor(value).shape)
 
 
-def scalar_or_tensor(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+def scalar_or_tensor(value: torch.Tensor | float) -> torch.Tensor | float:
     """A 0-d coefficient as a Python float when that costs no device sync (CPU, eager), else a tensor."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu" and not is_compiling():
         return float(value)
-    if isinstance(value, torch.Tensor):
-        return value.to(like.dtype)
     return value
 
 
@@ -83,13 +87,16 @@ def _flattenable(x: torch.Tensor, operands: Sequence[torch.Tensor | None]) -> bo
     return True
 
 
-def chunked(x: torch.Tensor, *operands: torch.Tensor | None,
-            chunk: int | None = None) -> Iterator[tuple[slice | None, tuple[torch.Tensor | None, ...]]]:
-    """Yields ``(region, (x_piece, *operand_pieces))``. ``region`` indexes the flattened output when
-    everything could be flattened, else rows of dim 0; ``None`` means the whole tensor in one piece.
+Region = tuple[str, slice] | None
 
-    Operands broadcast against ``x``: one that has x's full extent along the split dimension is
-    sliced with it; any other (a per-class vector, a scalar) is passed whole.
+
+def chunked(x: torch.Tensor, *operands: torch.Tensor | None,
+            chunk: int | None = None) -> Iterator[tuple[Region, tuple[torch.Tensor | None, ...]]]:
+    """Yields ``(region, (x_piece, *operand_pieces))``; see :func:`piece_of` for the region.
+
+    Everything is flattened when it can be; otherwise the pieces are rows of dim 0. Operands
+    broadcast against ``x``: one with x's full extent along the split dim is sliced with it, any
+    other (a per-class vector, a scalar) is passed whole. Small inputs come in one piece.
     """
     chunk = CHUNK if chunk is None else chunk
     n = x.numel()
@@ -101,7 +108,7 @@ def chunked(x: torch.Tensor, *operands: torch.Tensor | None,
         ops = [None if op is None else op.reshape(-1) for op in operands]
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
-            yield sl, (xs[sl], *[None if op is None or op.numel() == 1 else op[sl] for op in ops])
+            yield ("flat", sl), (xs[sl], *[None if op is None or op.numel() == 1 else op[sl] for op in ops])
         return
     rows = x.shape[0]
     step = max(1, chunk // max(1, n // rows))
@@ -112,17 +119,15 @@ def chunked(x: torch.Tensor, *operands: torch.Tensor | None,
             if op is not None and op.dim() == x.dim() and op.shape[0] == rows:
                 op = op[sl]
             pieces.append(op)
-        yield sl, (x[sl], *pieces)
+        yield ("rows", sl), (x[sl], *pieces)
 
 
-def write_piece(out: torch.Tensor, region: slice | None, value: torch.Tensor) -> None:
-    """Writes ``value`` into ``out`` at ``region`` as yielded by :func:`chunked` (casting to out's dtype)."""
+def piece_of(out: torch.Tensor, region: Region) -> torch.Tensor:
+    """The view of a contiguous ``out`` (x's shape) that a region from :func:`chunked` covers."""
     if region is None:
-        out.copy_(value.reshape(out.shape))
-    elif out.dim() > 0 and value.dim() == 1 and out.dim() != 1:
-        out.view(-1)[region].copy_(value)
-    else:
-        out[region].copy_(value)
+        return out
+    kind, sl = region
+    return out.view(-1)[sl] if kind == "flat" else out[sl]
 
 
 def ipow(q: torch.Tensor, n: int, *, inplace: bool) -> torch.Tensor:
@@ -138,3 +143,33 @@ def ipow(q: torch.Tensor, n: int, *, inplace: bool) -> torch.Tensor:
     for _ in range(n - 2):
         r = r.mul_(q) if inplace else r * q
     return r
+
+
+# ----------------------------------------------------------------------------------------
+# Exact masking by bits. Zeroing with torch.where is the NaN-safe way, but on the CPU its
+# boolean kernels are several times slower than arithmetic. Clearing the bits of a float
+# (x & 0 is +0.0, x & ~0 is x) is exact for NaN and inf too, and runs at the speed of a mul.
+# ----------------------------------------------------------------------------------------
+
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+           torch.bfloat16: torch.int16}
+
+
+def keep_bits(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """All ones where ``mask`` is True, zeros elsewhere, as the integer type of ``dtype``'s width."""
+    return mask.to(_INT_OF[dtype]).neg_()
+
+
+def zero_unless(v: torch.Tensor, mask: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.where(mask, v, 0)`` (NaN-safe), by bits in eager mode and with ``where`` when compiling."""
+    if is_compiling():
+        return torch.where(mask, v, 0.0)
+    if bits is None:
+        bits = keep_bits(mask, v.dtype)
+    return torch.bitwise_and(v.view(_INT_OF[v.dtype]), bits).view(v.dtype)
+
+
+def zero_unless_(v: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """In-place :func:`zero_unless` with precomputed bits (eager only)."""
+    v.view(_INT_OF[v.dtype]).bitwise_and_(bits)
+    return v

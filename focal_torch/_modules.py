@@ -125,7 +125,8 @@ class SoftmaxFocalLoss(nn.Module):
       >>> from focal_torch import SoftmaxFocalLoss
       >>> loss = SoftmaxFocalLoss(weight=torch.tensor([1.0, 2.0, 0.5]))
       >>> loss
-      SoftmaxFocalLoss(gamma=2.0, weight=tensor(shape=(3,), dtype=torch.float32), ignore_index=-100, label_smoothing=0.0, where=None, dim=1, reduction='mean')
+      SoftmaxFocalLoss(gamma=2.0, weight=tensor(shape=(3,), dtype=torch.float32), ignore_index=-100,
+                       label_smoothing=0.0, where=None, dim=1, reduction='mean')
       >>> print(f"{loss(torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([1])).item():.6f}")
       1.184346
 

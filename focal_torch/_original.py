@@ -38,7 +38,7 @@ def _original_loss(pred: torch.Tensor, teacher: torch.Tensor, *, gamma: float, g
         x = pred.to(cdtype)
         if kind == "index":
             y = teacher.long()
-            if not C.is_compiling():
+            if C.can_read_values(y):
                 bad = (y < 0) | (y >= n_classes)
                 if bool(bad.any()):
                     raise ValueError(focal_spec.label_out_of_range(int(y[bad][0]), n_classes, focal_spec.IGNORE_INDEX))
@@ -83,7 +83,8 @@ class _OriginalBase(nn.Module):
                               weight_buffer=self.class_weight, logits=self.logits, classification=classification)
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, weights={None if self._weights is None else list(self._weights)}, logits={self.logits}"
+        weights = None if self._weights is None else list(self._weights)
+        return f"gamma={self.gamma}, weights={weights}, logits={self.logits}"
 
 
 class SegmentationFocalLoss(_OriginalBase):

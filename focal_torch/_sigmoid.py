@@ -19,6 +19,7 @@ class _Opts(NamedTuple):
     alpha: float | None  # a scalar alpha; a tensor alpha travels as a Function input
     reduction: str
     cdtype: torch.dtype
+    divisor: int | None = None  # the plain element count of an unmasked, local mean
 
 
 # ----------------------------------------------------------------------------------------
@@ -28,15 +29,20 @@ class _Opts(NamedTuple):
 # ----------------------------------------------------------------------------------------
 
 
-def _prepare(x, t, mask, o: _Opts):
-    """Casts to the compute dtype, sanitizes masked positions and smooths the targets."""
+def _prepare(x, t, mask, o: _Opts, *, bits=None):
+    """Casts to the compute dtype, sanitizes masked positions and smooths the targets.
+
+    Sanitizing before any math means NaN/inf logits or garbage targets at excluded positions never
+    reach a formula, so the loss and gradient there are exactly 0 (not NaN). The eager kernels clear
+    bits (``bits`` given); the plain, differentiable path uses ``torch.where``.
+    """
     x = x.to(o.cdtype)
     t = t.to(o.cdtype)
     if mask is not None:
-        # Sanitize before any math: NaN/inf logits or garbage targets at excluded positions never
-        # reach a formula, so the loss and gradient there are exactly 0 (not NaN).
-        x = torch.where(mask, x, 0.0)
-        t = torch.where(mask, t, 0.0)
+        if bits is None:
+            x, t = torch.where(mask, x, 0.0), torch.where(mask, t, 0.0)
+        else:
+            x, t = C.zero_unless(x, mask, bits), C.zero_unless(t, mask, bits)
     if o.eps:
         t = t * (1.0 - o.eps) + o.eps / 2.0
     return x, t
@@ -56,46 +62,74 @@ def _factors(tp, alpha, weight, mask, o: _Opts) -> list[torch.Tensor]:
     return out
 
 
+def _bits(mask, o: _Opts):
+    return None if mask is None else C.keep_bits(mask, o.cdtype)
+
+
 def _loss_inplace(x, t, alpha, weight, mask, o: _Opts) -> torch.Tensor:
-    """Elementwise loss of one piece, computed in place in two buffers."""
-    x, tp = _prepare(x, t, mask, o)
+    """Elementwise loss of one piece, in two buffers, with in-place ops."""
+    x, tp = _prepare(x, t, mask, o, bits=_bits(mask, o))
     ce = F.softplus(x, 1.0, C.SOFTPLUS_THRESHOLD).addcmul_(tp, x, value=-1.0)  # softplus(x) - t'x
     if o.gamma != 0.0:
         q = torch.sigmoid(x)
-        q.addcmul_(q, tp, value=-2.0).add_(tp)  # 1-p_t = s + t' - 2st' (exact for hard targets)
+        q.addcmul_(q, tp, value=-2.0).add_(tp)  # 1-p_t = s + t' - 2st' (exactly 1-s for t' = 1)
         if o.gamma_int is not None:
             m = C.ipow(q, o.gamma_int, inplace=True)
         else:
             m = q.clamp_(min=torch.finfo(o.cdtype).tiny).pow_(o.gamma)
         ce.mul_(m)
-    for f in _factors(tp, alpha, weight, mask, o):  # targets, weights and masks broadcast to the logits
+    for f in _factors(tp, alpha, weight, mask, o):  # all broadcast to the logits' shape
         ce.mul_(f)
     return ce
 
 
-def _grad_inplace(x, t, alpha, weight, mask, o: _Opts) -> torch.Tensor:
-    """d loss / dx of one piece: a [γ q^(γ-1) (1-2t') s(1-s) ce + q^γ (s-t')], in place."""
-    x, tp = _prepare(x, t, mask, o)
+def _grad_inplace(x, t, alpha, weight, mask, o: _Opts, coef, divisor, out) -> None:
+    """Writes coef * dℓ/dx (/ divisor) of one piece into ``out``, with in-place ops:
+
+    dℓ/dx = a q^(γ-1) [γ (1-2t') s(1-s) ce + q (s-t')],  q = 1-p_t, s = σ(x).
+    """
+    x, tp = _prepare(x, t, mask, o, bits=_bits(mask, o))
     s = torch.sigmoid(x)
+    k = 1.0  # a scalar still to multiply in
     if o.gamma == 0.0:
         g = s.sub_(tp)  # exactly the BCE gradient
     else:
         ce = F.softplus(x, 1.0, C.SOFTPLUS_THRESHOLD).addcmul_(tp, x, value=-1.0)
+        g = torch.ops.aten.sigmoid_backward(ce, s)  # ce s(1-s)
+        g.addcmul_(g, tp, value=-2.0)  # ce s(1-s)(1-2t') = ce d(1-p_t)/dx
         q = torch.addcmul(s, s, tp, value=-2.0).add_(tp)  # 1-p_t
-        ce.mul_(torch.addcmul(s, s, s, value=-1.0))  # ce s(1-s)
-        ce.addcmul_(ce, tp, value=-2.0)  # ce s(1-s)(1-2t') = ce d(1-p_t)/dx
-        g = s.sub_(tp)  # s - t'
-        if o.gamma_int is not None:
-            g.mul_(q).add_(ce, alpha=o.gamma)
-            if o.gamma_int >= 2:
-                g.mul_(C.ipow(q, o.gamma_int - 1, inplace=True))
-        else:
+        d = s.sub_(tp)  # s - t'
+        if o.gamma_int is None:
             q.clamp_(min=torch.finfo(o.cdtype).tiny)
-            g.mul_(q).add_(ce, alpha=o.gamma)
+        g.addcmul_(d, q, value=1.0 / o.gamma)
+        if o.gamma_int is None:
             g.mul_(q.pow_(o.gamma - 1.0))  # q^(γ-1) <= 1/tiny: finite
+        elif o.gamma_int >= 2:
+            g.mul_(C.ipow(q, o.gamma_int - 1, inplace=True))
+        k = o.gamma
     for f in _factors(tp, alpha, weight, mask, o):
         g.mul_(f)
-    return g
+    if isinstance(coef, torch.Tensor):
+        g.mul_(coef)
+    else:
+        k *= coef
+    if divisor is not None:  # a mean, divided as F.binary_cross_entropy_with_logits does: same bits at γ = 0
+        if k != 1.0 and o.gamma == 0.0:
+            g.mul_(k)
+            k = 1.0
+        if k == 1.0:
+            if out.dtype == g.dtype:
+                torch.div(g, divisor, out=out)
+            else:
+                out.copy_(g.div_(divisor))
+            return
+        k /= divisor
+    if k == 1.0:
+        out.copy_(g)
+    elif out.dtype == g.dtype:
+        torch.mul(g, k, out=out)
+    else:
+        out.copy_(g.mul_(k))
 
 
 def _modulator_parts(x, tp, o: _Opts):
@@ -177,7 +211,7 @@ class _SigmoidFocal(torch.autograd.Function):
                 for region, (xp, tp, ap, wp, mp) in C.chunked(x, t, alpha, weight, mask):
                     piece = _loss_inplace(xp, tp, ap, wp, mp, o)
                     if out is not None:
-                        C.write_piece(out, region, piece)
+                        C.piece_of(out, region).copy_(piece)
                     else:
                         parts.append(piece.sum())
                 if out is not None:
@@ -203,16 +237,16 @@ class _SigmoidFocal(torch.autograd.Function):
                 g = _grad_plain(x, t, alpha, weight, mask, o) * coef
                 return g.to(x.dtype), None, None, None, None, None, None
             grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            divisor = None
             if o.reduction == "none":
                 pieces = C.chunked(x, t, alpha, weight, mask, coef)
             else:
-                coef = C.scalar_or_tensor(coef, grad_out)
+                if o.divisor is not None and C.scalar_or_tensor(grad_out) is not grad_out:
+                    coef, divisor = float(grad_out), o.divisor
+                coef = C.scalar_or_tensor(coef)
                 pieces = ((r, (*p, coef)) for r, p in C.chunked(x, t, alpha, weight, mask))
             for region, (xp, tp, ap, wp, mp, cp) in pieces:
-                g = _grad_inplace(xp, tp, ap, wp, mp, o)
-                if not (isinstance(cp, float) and cp == 1.0):
-                    g.mul_(cp)
-                C.write_piece(grad, region, g)
+                _grad_inplace(xp, tp, ap, wp, mp, o, cp, divisor, C.piece_of(grad, region))
             return grad, None, None, None, None, None, None
 
 
@@ -306,8 +340,9 @@ def sigmoid_focal_loss(
         target = target.to(dev)
     if target.dtype == torch.float64 and cdtype != torch.float64:
         target = target.to(cdtype)  # saved for backward: keep it no larger than the compute dtype
+    plain_mean = o.reduction == "mean" and mask is None and process_group is None and input.numel() > 0
     opts = _Opts(o.gamma, o.gamma_int, o.label_smoothing, None if o.alpha == "array" else o.alpha, o.reduction,
-                 cdtype)
+                 cdtype, input.numel() if plain_mean else None)
     scale: torch.Tensor | float = 1.0
     if o.reduction == "mean":
         if mask is None:

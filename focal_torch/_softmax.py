@@ -57,55 +57,80 @@ def _rho(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def _index_row_terms(xmy, ey, others, wy, valid, bad, o: _Opts):
-    """Per-position loss and backward coefficient w_y κ_y from x_y - M, e_y, Σ_{k≠y} e_k.
+def _index_row_terms(xmy, others, wy, o: _Opts):
+    """Per-position loss and backward coefficient w_y κ_y, from x_y - M and Σ_{k≠y} e^(x_k - M).
 
-    ``others`` is summed without the label's own term, so log(1-p_y) = log(others) - log S has no
-    cancellation even when p_y rounds to 1.
+    ``others`` is summed without the label's own term, so 1-p_y = others/S and
+    log(1-p_y) = log(others) - log S have no cancellation even when p_y rounds to 1. Plain
+    arithmetic only (no ``where``, whose boolean kernels are slow on the CPU): an uncounted
+    position may come out as garbage here, and the caller zeroes it.
     """
+    ey = torch.exp(xmy)
     s = others + ey
+    u = others / s  # 1 - p_y
     log_s = torch.log(s)
-    log1mp = torch.log(others) - log_s  # -inf when others underflow (and for C = 1)
-    logp = _log_p(log1mp, xmy - log_s)
-    u = others / s
-    m = _modulator_from(u, log1mp, o)
+    # log p_y: log1p(-(1-p_y)) where p_y > 1/2 (accurate as p_y -> 1), else x_y - M - log S.
+    near = (0.5 - u).mul_(1e30).clamp_(0.0, 1.0)  # 1 where u < 1/2, else 0
+    logp = torch.log1p(-u.clamp(max=0.5)).mul_(near).add_((xmy - log_s).mul_(1.0 - near))
     if o.gamma == 0.0:
-        kappa: torch.Tensor | float = -1.0
+        loss, coef = -logp, torch.full_like(logp, -1.0)
     else:
-        kappa = m * (o.gamma * (ey / s) * _rho(logp, u) - 1.0)
-    loss = -(m * logp)
-    coef = kappa * torch.ones_like(loss) if isinstance(kappa, float) else kappa
+        if o.gamma_int is not None:
+            m = C.ipow(u, o.gamma_int, inplace=False)
+        else:
+            m = torch.exp(o.gamma * (torch.log(others) - log_s))
+        # κ = m (γ p ρ - 1), ρ = log p / (1-p); where 1-p underflows to 0, m = 0 and ρ does not matter.
+        rho = logp / u.clamp(min=torch.finfo(u.dtype).tiny)
+        coef = (ey / s).mul_(rho).mul_(o.gamma).sub_(1.0).mul_(m)
+        loss = -(m * logp)
     if wy is not None:
-        loss, coef = loss * wy, coef * wy
-    loss = torch.where(valid, loss, 0.0)
-    coef = torch.where(valid, coef, 0.0)
-    if bad is not None:  # under torch.compile only: an out-of-range label makes its loss NaN
-        loss = torch.where(bad, math.nan, loss)
-        coef = torch.where(bad, math.nan, coef)
-    return loss, coef, s
+        loss, coef = loss.mul_(wy), coef.mul_(wy)
+    return loss, coef, s, u
+
+
+def _label_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer dtype holding every class index and the -1 marking an uncounted position."""
+    if num_classes <= torch.iinfo(torch.int16).max:
+        return torch.int16
+    return torch.int32 if num_classes <= torch.iinfo(torch.int32).max else torch.int64
+
+
+def _index_stats(xc, mx, ys, weight, o: _Opts):
+    """exp(x - M) with the label's entry zeroed, and the per-position loss, coefficient, S and 1-p_y."""
+    d = o.dim
+    yk = ys.clamp(min=0).long().unsqueeze(d)
+    e = torch.sub(xc, mx).mul_(C.LOG2E).exp2_()  # exp(x - M); exp2 is the CPU's fast vectorized one
+    others = e.scatter_(d, yk, 0.0).sum(d, keepdim=True)
+    xmy = xc.gather(d, yk) - mx
+    wy = None if weight is None else weight[yk]
+    loss, coef, s, u = _index_row_terms(xmy, others, wy, o)
+    return e, yk, loss, coef, s, u
 
 
 class _SoftmaxIndexFocal(torch.autograd.Function):
+    """Class indices, no smoothing. Saves the logits, the labels in a small integer dtype (-1 where a
+    position is not counted) and the per-position max: no more than ``F.cross_entropy`` keeps (its
+    log-probabilities and labels). Backward recomputes exp(x - M) and the rest from them."""
+
     @staticmethod
-    def forward(ctx, x, ys, weight, valid, bad, scale, o: _Opts, mask_grad: bool):  # type: ignore[override]
+    def forward(ctx, x, ys, weight, bad, scale, o: _Opts, check_garbage: bool):  # type: ignore[override]
         d = o.dim
-        yk = ys.unsqueeze(d)
         with C.no_autocast(x.device):
             xc = x.to(o.cdtype)
+            counted = (ys >= 0).unsqueeze(d)
             mx = xc.amax(d, keepdim=True)
-            e = torch.sub(xc, mx).exp_()
-            ey = e.gather(d, yk)
-            others = e.scatter_(d, yk, 0.0).sum(d, keepdim=True)
-            del e
-            xmy = xc.gather(d, yk) - mx
-            wy = None if weight is None else weight[ys].unsqueeze(d)
-            vk = valid.unsqueeze(d)
-            loss, coef, s = _index_row_terms(xmy, ey, others, wy, vk, None if bad is None else bad.unsqueeze(d), o)
+            # An uncounted position may hold NaN/inf logits; its gradient must then be masked, which
+            # costs a pass. Whether any does is free to find out on the CPU; elsewhere, assume so.
+            mask_grad = bool((~counted & ~torch.isfinite(mx)).any()) if check_garbage else True
+            _, _, loss, _, _, _ = _index_stats(xc, mx, ys, weight, o)
+            loss = C.zero_unless(loss, counted)
+            if bad is not None:  # under torch.compile only: an out-of-range label makes its loss NaN
+                loss = torch.where(bad.unsqueeze(d), math.nan, loss)
             ctx.o, ctx.mask_grad = o, mask_grad
             ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
             if not ctx.scale_is_tensor:
                 ctx.scale = scale
-            ctx.save_for_backward(x, ys, weight, valid, bad, scale if ctx.scale_is_tensor else None, mx, s, coef)
+            ctx.save_for_backward(x, ys, weight, scale if ctx.scale_is_tensor else None, mx)
             loss = loss.squeeze(d)
             if o.reduction == "none":
                 return loss.to(x.dtype)
@@ -116,8 +141,8 @@ class _SoftmaxIndexFocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, ys, weight, valid, bad, scale_t, mx, s, coef = ctx.saved_tensors
-        none = (None,) * 7
+        x, ys, weight, scale_t, mx = ctx.saved_tensors
+        none = (None,) * 6
         if not ctx.needs_input_grad[0]:
             return (None, *none)
         o: _Opts = ctx.o
@@ -129,17 +154,19 @@ class _SoftmaxIndexFocal(torch.autograd.Function):
                 go = go.unsqueeze(d)
             elif o.reduction == "mean":
                 go = go * scale
+            counted = (ys >= 0).unsqueeze(d)
             if torch.is_grad_enabled() and not C.is_compiling():
                 # Double backward: the general closed form, built from the logits with differentiable
-                # ops, instead of the saved statistics (which carry no graph).
-                go = torch.where(valid.unsqueeze(d), go, 0.0)
-                return (_general_grad(x, ys, weight, valid, o) * go).to(x.dtype), *none
-            c = coef * go
-            g = torch.sub(x.to(o.cdtype), mx).exp_()
-            g.mul_(-c / s)  # -c p_k
-            g.scatter_add_(d, ys.unsqueeze(d), c)  # + c δ_ky
-            if ctx.mask_grad:  # ignored positions may hold NaN/inf logits: their gradient is exactly 0
-                g.masked_fill_(~valid.unsqueeze(d), 0.0)
+                # ops (the saved max carries no graph).
+                valid = ys >= 0
+                go = torch.where(counted, go, 0.0)
+                return (_general_grad(x, ys.clamp(min=0).long(), weight, valid, o) * go).to(x.dtype), *none
+            g, yk, _, coef, s, u = _index_stats(x.to(o.cdtype), mx, ys, weight, o)
+            c = C.zero_unless(coef * go, counted)
+            g.mul_(-c / s)  # -c p_k (zero at k = y, whose entry was zeroed)
+            g.scatter_(d, yk, c * u)  # c (1 - p_y) at k = y
+            if ctx.mask_grad:  # uncounted positions holding NaN/inf logits: their gradient is exactly 0
+                g = C.zero_unless(g, counted)
             return g.to(x.dtype), *none
 
 
@@ -364,7 +391,7 @@ def softmax_focal_loss(
         mask = torch.broadcast_to(mask, positions)
     if target.device != dev:
         target = target.to(dev)
-    compiling = C.is_compiling()
+    compiling = not C.can_read_values(target)
     bad = None
     if o.label_kind == "index":
         y = target.long()
@@ -389,8 +416,7 @@ def softmax_focal_loss(
     if o.reduction == "mean":
         scale = _distributed.mean_scale(count, process_group, dtype=cdtype, device=dev)
     if o.label_kind == "index" and o.label_smoothing == 0.0:
-        # The gradient of an ignored position must be masked unless every position counts; on the CPU
-        # finding out is free, elsewhere (or under compile) the mask is simply applied.
-        mask_grad = compiling or dev.type != "cpu" or not bool(valid.all())
-        return _SoftmaxIndexFocal.apply(input, labels, weight_t, valid, bad, scale, opts, mask_grad)
+        ys_small = torch.where(valid if bad is None else valid & ~bad, labels, -1).to(_label_dtype(o.num_classes))
+        check_garbage = dev.type == "cpu" and not C.is_compiling()
+        return _SoftmaxIndexFocal.apply(input, ys_small, weight_t, bad, scale, opts, check_garbage)
     return _SoftmaxGeneralFocal.apply(input, labels, weight_t, valid, bad, scale, opts)

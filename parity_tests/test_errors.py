@@ -54,8 +54,9 @@ def _expected(loss, logits, labels, kwargs):
 
 
 def _call_jax(loss, logits, labels, kwargs):
-    import focal_jax
     import jax.numpy as jnp
+
+    import focal_jax
 
     kw = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) and k != "alpha" else v) for k, v in kwargs.items()}
     fn = focal_jax.sigmoid_focal_loss if loss == "sigmoid" else focal_jax.softmax_focal_loss
@@ -70,8 +71,9 @@ def _call_jax_jit(loss, logits, labels, kwargs):
 
 
 def _call_torch(loss, logits, labels, kwargs):
-    import focal_torch
     import torch
+
+    import focal_torch
 
     kw = {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) and k != "alpha" else v) for k, v in kwargs.items()}
     fn = focal_torch.sigmoid_focal_loss if loss == "sigmoid" else focal_torch.softmax_focal_loss
@@ -111,14 +113,16 @@ def test_class_axis_out_of_range(backend):
     msg = focal_spec.invalid_value("dim" if backend == "torch" else "axis",
                                    "an integer in [-2, 2) for 2-d logits", 2)
     if backend == "jax":
-        import focal_jax
         import jax.numpy as jnp
+
+        import focal_jax
 
         with pytest.raises(ValueError, match=re.escape(msg)):
             focal_jax.softmax_focal_loss(jnp.asarray(X), jnp.asarray(Y), axis=2)
     else:
-        import focal_torch
         import torch
+
+        import focal_torch
 
         with pytest.raises(ValueError, match=re.escape(msg)):
             focal_torch.softmax_focal_loss(torch.as_tensor(X), torch.as_tensor(Y), dim=2)

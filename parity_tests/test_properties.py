@@ -41,13 +41,18 @@ def sigmoid_calls(draw):
         "label_smoothing": draw(st.sampled_from([0.0, 0.1, 1.0])),
         "reduction": draw(st.sampled_from(H.REDUCTIONS)),
     }
+    # per-class arrays run along the class axis (1 in the torch layout; the only axis of 1-d logits)
+    c = shape[1] if len(shape) >= 2 else (shape[0] if shape else None)
+    per_class = []
     if kw["alpha"] == "array":
-        kw["alpha"] = rng.uniform(size=shape[-1:])
+        kw["alpha"] = rng.uniform(size=() if c is None else (c,))
+        per_class += [] if c is None else ["alpha"]
     if draw(st.booleans()):
-        kw["weight"] = rng.uniform(0.1, 3.0, size=shape[-1:])
+        kw["weight"] = rng.uniform(0.1, 3.0, size=() if c is None else (c,))
+        per_class += [] if c is None else ["weight"]
     if draw(st.booleans()):
         kw["where"] = rng.uniform(size=shape) < 0.7
-    return H.Inputs(x, t, kw, draw(dtypes))
+    return H.Inputs(x, t, kw, draw(dtypes), tuple(per_class))
 
 
 @st.composite
@@ -103,7 +108,8 @@ def test_softmax_properties(inp):
 @settings(settings.get_profile(PROFILE))
 @given(sigmoid_calls())
 def test_focal_is_at_most_cross_entropy_and_gamma0_is_cross_entropy(inp):
-    kw = {k: v for k, v in inp.kwargs.items() if k not in ("alpha", "reduction")}
+    laid_out = H._layout_kwargs(inp, "torch", inp.logits.ndim)
+    kw = {k: v for k, v in laid_out.items() if k not in ("alpha", "reduction")}
     fl, _ = reference.sigmoid_focal_loss(inp.logits, inp.labels, **kw, reduction="none")
     kw["gamma"] = 0.0
     ce, _ = reference.sigmoid_focal_loss(inp.logits, inp.labels, **kw, reduction="none")
@@ -121,7 +127,8 @@ def test_focal_is_at_most_cross_entropy_and_gamma0_is_cross_entropy(inp):
 @given(sigmoid_calls())
 def test_alpha_one_keeps_only_positives(inp):
     t = (inp.labels > 0.5).astype(float)
-    kw = {k: v for k, v in inp.kwargs.items() if k not in ("alpha", "label_smoothing", "reduction")}
+    laid_out = H._layout_kwargs(inp, "torch", inp.logits.ndim)
+    kw = {k: v for k, v in laid_out.items() if k not in ("alpha", "label_smoothing", "reduction")}
     full, _ = reference.sigmoid_focal_loss(inp.logits, t, **kw, reduction="none")
     pos, _ = reference.sigmoid_focal_loss(inp.logits, t, **kw, alpha=1.0, reduction="none")
     np.testing.assert_array_equal(pos, np.where(t == 1, full, 0.0))

@@ -1,0 +1,436 @@
+"""What only the PyTorch backend has to prove: torch.compile, double backward, autocast, the eager
+label check, the memory kept for backward, the chunked eager kernels, and the original blog modules'
+defects, each fixed."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+import focal_spec
+from focal_spec import reference
+from parity_tests import _harness as H
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _ft():
+    import focal_torch
+
+    return focal_torch
+
+
+def _value_and_grad(fn, x, *args):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, *args)
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True) equals eager. Shapes stay small: each case is one inductor compile.
+# ----------------------------------------------------------------------------------------
+
+
+def _compile_cases():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, generator=g) * 3
+    t = (torch.rand(4, 3, 5, generator=g) < 0.3).float()
+    mask = torch.rand(4, 3, 5, generator=g) < 0.8
+    labels = torch.randint(0, 3, (4, 5), generator=g)
+    labels[0, 0] = -100
+    probs = torch.softmax(torch.randn(4, 3, 5, generator=g), 1)
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    onehot = F.one_hot(torch.randint(0, 3, (4, 5), generator=g), 3).permute(0, 2, 1).float()
+    ft = _ft()
+    return {
+        "sigmoid-gamma=2-alpha=0.25-where-smoothing-mean": (
+            lambda a, b: ft.sigmoid_focal_loss(a, b, alpha=0.25, where=mask, label_smoothing=0.1), x, t),
+        "sigmoid-gamma=0.5-weight-none": (
+            lambda a, b: ft.sigmoid_focal_loss(a, b, gamma=0.5, weight=weight.view(3, 1), reduction="none"), x, t),
+        "softmax-index-ignore-weight-mean": (lambda a, b: ft.softmax_focal_loss(a, b, weight=weight), x, labels),
+        "softmax-probs-gamma=1.5-smoothing-none": (
+            lambda a, b: ft.softmax_focal_loss(a, b, gamma=1.5, label_smoothing=0.1, reduction="none"), x, probs),
+        "SegmentationFocalLoss-weights": (ft.SegmentationFocalLoss(weights=[1.0, 2.0, 0.5]), x.unsqueeze(-1),
+                                          onehot.unsqueeze(-1)),
+        "ClassificationFocalLoss-logits=False": (ft.ClassificationFocalLoss(3, logits=False), x[..., 0],
+                                                 labels[:, 1]),
+    }
+
+
+COMPILE_IDS = ["sigmoid-gamma=2-alpha=0.25-where-smoothing-mean", "sigmoid-gamma=0.5-weight-none",
+               "softmax-index-ignore-weight-mean", "softmax-probs-gamma=1.5-smoothing-none",
+               "SegmentationFocalLoss-weights", "ClassificationFocalLoss-logits=False"]
+
+
+@pytest.mark.parametrize("case", COMPILE_IDS)
+def test_compile_fullgraph_equals_eager(case):
+    fn, x, y = _compile_cases()[case]
+    ev, eg = _value_and_grad(fn, x, y)
+    cv, cg = _value_and_grad(torch.compile(fn, fullgraph=True), x, y)
+    H.assert_close(cv, ev, "float32", "value")
+    H.assert_close(cg, eg, "float32", "gradient")
+
+
+def test_compile_turns_an_out_of_range_label_into_nan_where_eager_raises():
+    """Eager mode reads the labels and raises; a compiled graph cannot, so that position's loss is NaN."""
+    ft = _ft()
+    x = torch.randn(4, 3)
+    bad = torch.tensor([0, 2, 7, 1])
+    with pytest.raises(ValueError, match=re.escape(focal_spec.label_out_of_range(7, 3, -100))):
+        ft.softmax_focal_loss(x, bad, reduction="none")
+    out = torch.compile(lambda a, b: ft.softmax_focal_loss(a, b, reduction="none"), fullgraph=True)(x, bad)
+    assert torch.isnan(out[2]) and torch.isfinite(out[[0, 1, 3]]).all()
+
+
+# ----------------------------------------------------------------------------------------
+# Double backward: the backward pass is itself differentiable.
+# ----------------------------------------------------------------------------------------
+
+GRADGRAD_SIGMOID = [
+    dict(gamma=2.0, alpha=None, reduction="mean", label_smoothing=0.0, where=False),
+    dict(gamma=0.5, alpha=0.25, reduction="none", label_smoothing=0.1, where=True),
+    dict(gamma=1.5, alpha=None, reduction="sum", label_smoothing=0.0, where=True),
+    dict(gamma=0.0, alpha=0.75, reduction="mean", label_smoothing=0.1, where=False),
+    dict(gamma=5.0, alpha=None, reduction="none", label_smoothing=0.0, where=False),
+]
+
+
+@pytest.mark.parametrize("opts", GRADGRAD_SIGMOID, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sigmoid_gradcheck_and_gradgradcheck_float64(opts):
+    ft = _ft()
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(3, 4, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    t = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    where = (torch.rand(3, 4, generator=g) < 0.7) if opts["where"] else None
+    kw = {k: v for k, v in opts.items() if k != "where"}
+
+    def fn(z):
+        return ft.sigmoid_focal_loss(z, t, where=where, **kw)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("labels", ["index", "probs"])
+def test_softmax_gradgradcheck_float64(labels):
+    ft = _ft()
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 4, 2, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    if labels == "index":
+        y = torch.randint(0, 4, (3, 2), generator=g)
+        y[0, 0] = -100
+    else:
+        y = torch.softmax(torch.randn(3, 4, 2, generator=g, dtype=torch.float64), 1)
+    w = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=torch.float64)
+
+    def fn(z):
+        return ft.softmax_focal_loss(z, y, gamma=1.5, weight=w)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+HESSIAN_X = np.tile([100.0, -100.0, 75.0, -75.0, 50.0, -50.0], 4)
+HESSIAN_T = np.repeat([0.0, 1.0, 0.5, 0.9], 6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 1.5], ids=lambda g: f"gamma={g}")
+def test_sigmoid_hessian_is_finite_at_extreme_logits(gamma, dtype):
+    ft = _ft()
+    dt = getattr(torch, dtype)
+    t = torch.tensor(HESSIAN_T, dtype=dt)
+    hess = torch.autograd.functional.hessian(
+        lambda z: ft.sigmoid_focal_loss(z, t, gamma=gamma, reduction="sum"), torch.tensor(HESSIAN_X, dtype=dt))
+    assert torch.isfinite(hess).all()
+    diag = torch.diag(hess)
+    assert torch.equal(hess, torch.diag(diag))  # elementwise loss: no cross terms
+    h = 1e-5 * np.maximum(1.0, np.abs(HESSIAN_X))
+    expected = (reference.sigmoid_focal_loss(HESSIAN_X + h, HESSIAN_T, gamma=gamma, reduction="none")[1]
+                - reference.sigmoid_focal_loss(HESSIAN_X - h, HESSIAN_T, gamma=gamma, reduction="none")[1]) / (2 * h)
+    np.testing.assert_allclose(diag.double().numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_gamma0_gradient_is_bit_identical_to_bce(reduction):
+    ft = _ft()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, generator=g) * 5
+    t = torch.rand(300, generator=g)
+    _, ours = _value_and_grad(lambda z: ft.sigmoid_focal_loss(z, t, gamma=0.0, reduction=reduction), x)
+    _, bce = _value_and_grad(lambda z: F.binary_cross_entropy_with_logits(z, t, reduction=reduction), x)
+    assert torch.equal(ours, bce)
+
+
+# ----------------------------------------------------------------------------------------
+# Autocast: the losses compute in float32 whatever autocast would pick.
+# ----------------------------------------------------------------------------------------
+
+
+def _autocast_case(loss):
+    ft = _ft()
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(64, 16, generator=g)
+    torch.manual_seed(5)
+    head = torch.nn.Linear(16, 5)
+    if loss == "sigmoid":
+        t = (torch.rand(64, 5, generator=g) < 0.3).float() * 0.9 + 0.05
+        return head, feats, lambda z: ft.sigmoid_focal_loss(z, t, gamma=2.0, alpha=0.25)
+    y = torch.randint(0, 5, (64,), generator=g)
+    return head, feats, lambda z: ft.softmax_focal_loss(z, y, gamma=2.0)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_autocast_bfloat16_matches_float32(loss):
+    head, feats, fn = _autocast_case(loss)
+    plain = fn(head(feats))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(feats)
+        assert logits.dtype == torch.bfloat16
+        mixed = fn(logits)
+    assert mixed.dtype == torch.bfloat16
+    H.assert_close(mixed.detach().float(), plain.detach(), "bfloat16")
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_autocast_leaves_float32_logits_bit_identical(loss):
+    head, feats, fn = _autocast_case(loss)
+    logits = head(feats).detach()
+    plain = fn(logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = fn(logits)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, plain)
+
+
+# ----------------------------------------------------------------------------------------
+# Labels out of range: a ValueError in eager mode, with the spec's message.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [3, -1, 255])
+def test_out_of_range_label_raises_the_spec_message(value):
+    ft = _ft()
+    y = torch.tensor([[0, 1], [value, 2]])
+    msg = focal_spec.label_out_of_range(value, 3, -100)
+    with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+        ft.softmax_focal_loss(torch.zeros(2, 3, 2), y)
+
+
+@pytest.mark.parametrize("how", ["ignore_index=255", "where=False"])
+def test_label_255_is_harmless_where_it_does_not_count(how):
+    ft = _ft()
+    x = torch.randn(2, 3, 2)
+    x[1, :, 0] = float("inf")
+    y = torch.tensor([[0, 1], [255, 2]])
+    kw = {"ignore_index": 255} if how == "ignore_index=255" else {"where": torch.tensor([[True, True], [False, True]])}
+    value, grad = _value_and_grad(lambda z: ft.softmax_focal_loss(z, y, **kw), x)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    assert torch.equal(grad[1, :, 0], torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------------------
+# Memory: what the autograd graph keeps, counted once per storage.
+# ----------------------------------------------------------------------------------------
+
+
+def _saved_bytes(fn, *args) -> int:
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 0.5], ids=lambda g: f"gamma={g}")
+def test_sigmoid_saves_at_most_two_input_sized_arrays(gamma, reduction):
+    ft = _ft()
+    x = torch.randn(64, 32, requires_grad=True)
+    t = torch.rand(64, 32)
+    ours = _saved_bytes(lambda: ft.sigmoid_focal_loss(x, t, gamma=gamma, alpha=0.25, reduction=reduction))
+    assert ours <= 2 * x.numel() * x.element_size() + 64
+    assert ours <= _saved_bytes(lambda: F.binary_cross_entropy_with_logits(x, t, reduction=reduction)) + 64
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", [(64, 10), (2, 21, 8, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_softmax_index_labels_save_no_more_than_cross_entropy(shape, reduction):
+    ft = _ft()
+    x = torch.randn(shape, requires_grad=True)
+    y = torch.randint(0, shape[1], shape[:1] + shape[2:])
+    y.view(-1)[::7] = -100
+    ours = _saved_bytes(lambda: ft.softmax_focal_loss(x, y, reduction=reduction))
+    theirs = _saved_bytes(lambda: F.cross_entropy(x, y, reduction=reduction))
+    assert ours <= theirs
+
+
+# ----------------------------------------------------------------------------------------
+# The eager kernels work on pieces of large inputs: force tiny pieces and check the reference.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["flat", "rows"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_sigmoid_pieces_match_reference(monkeypatch, layout, reduction):
+    from focal_torch import _common
+
+    monkeypatch.setattr(_common, "CHUNK", 7)
+    ft = _ft()
+    rng = np.random.default_rng(6)
+    x = rng.normal(scale=3.0, size=(6, 3, 5))
+    t = rng.uniform(size=(6, 3, 5))
+    kw = {"gamma": 1.5, "reduction": reduction, "label_smoothing": 0.1}
+    if layout == "rows":  # per-class alpha and a mask: operands that broadcast, so pieces are rows
+        kw["alpha"] = rng.uniform(0.2, 0.8, size=(3, 1))
+        kw["where"] = rng.uniform(size=(6, 1, 5)) < 0.7
+        x = np.where(kw["where"], x, np.nan)
+    ref_v, ref_g = reference.sigmoid_focal_loss(x, t, **kw)
+    tkw = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    v, g = _value_and_grad(lambda z: ft.sigmoid_focal_loss(z, torch.tensor(t), **tkw), torch.tensor(x))
+    H.assert_close(v, ref_v, "float64", "value")
+    H.assert_close(g, ref_g, "float64", "gradient")
+
+
+# ----------------------------------------------------------------------------------------
+# Empty and degenerate inputs.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["sigmoid-empty", "sigmoid-all-masked", "softmax-empty", "softmax-all-ignored",
+                                  "softmax-C=1"])
+def test_empty_and_degenerate_mean_is_zero_with_zero_gradients(case):
+    ft = _ft()
+    if case == "sigmoid-empty":
+        x, fn = torch.zeros(0, 3), lambda z: ft.sigmoid_focal_loss(z, torch.zeros(0, 3))
+    elif case == "sigmoid-all-masked":
+        x = torch.full((4, 3), float("nan"))
+        fn = lambda z: ft.sigmoid_focal_loss(z, torch.ones(4, 3), where=torch.zeros(4, 3, dtype=torch.bool))
+    elif case == "softmax-empty":
+        x, fn = torch.zeros(0, 3, 2), lambda z: ft.softmax_focal_loss(z, torch.zeros(0, 2, dtype=torch.long))
+    elif case == "softmax-all-ignored":
+        x = torch.full((4, 3), float("inf"))
+        fn = lambda z: ft.softmax_focal_loss(z, torch.full((4,), 255), ignore_index=255)
+    else:
+        x, fn = torch.randn(4, 1) * 10, lambda z: ft.softmax_focal_loss(z, torch.zeros(4, dtype=torch.long))
+    value, grad = _value_and_grad(fn, x)
+    assert value.item() == 0.0
+    assert grad.shape == x.shape and torch.equal(grad, torch.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------------------
+# The original blog modules: their numbers where they ran, and each defect fixed.
+# ----------------------------------------------------------------------------------------
+
+
+def _original_inputs():
+    torch.manual_seed(0)
+    pred = torch.randn(2, 3, 4, 4)
+    teacher = F.one_hot(torch.randint(0, 3, (2, 4, 4)), 3).permute(0, 3, 1, 2).float()
+    p = torch.randn(5, 3)
+    y = torch.randint(0, 3, (5,))
+    return pred, teacher, p, y
+
+
+BLOG_VALUES = {  # original-modules.md: torch 2.13, CPU, on the inputs of _original_inputs()
+    "SegmentationFocalLoss()": (lambda ft: ft.SegmentationFocalLoss(), 0.4572),
+    "SegmentationFocalLoss(logits=False)": (lambda ft: ft.SegmentationFocalLoss(logits=False), 1.2666),
+    "ClassificationFocalLoss(3)": (lambda ft: ft.ClassificationFocalLoss(3), 0.4027),
+    "ClassificationFocalLoss(3, logits=False)": (lambda ft: ft.ClassificationFocalLoss(3, logits=False), 0.9486),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOG_VALUES))
+def test_original_modules_reproduce_the_blog_values(case):
+    make, expected = BLOG_VALUES[case]
+    module = make(_ft())
+    pred, teacher, p, y = _original_inputs()
+    value = module(pred, teacher) if case.startswith("Segmentation") else module(p, y)
+    assert round(value.item(), 4) == expected
+
+
+@pytest.mark.parametrize("logits", [True, False], ids=["logits=True", "logits=False"])
+@pytest.mark.parametrize("module", ["SegmentationFocalLoss", "ClassificationFocalLoss"])
+def test_original_weights_work_and_match_the_reference(module, logits):
+    """The original crashed on any weights with more than one class ("Boolean value of Tensor ...")."""
+    ft = _ft()
+    pred, teacher, p, y = _original_inputs()
+    weights = [0.5, 1.0, 2.0]
+    args = () if module == "SegmentationFocalLoss" else (3,)
+    x, tt = (pred, teacher) if module == "SegmentationFocalLoss" else (p, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        loss = getattr(ft, module)(*args, weights=weights, logits=logits)
+    value, grad = _value_and_grad(loss, x.double(), tt if tt.dtype == torch.long else tt.double())
+    ref_v, ref_g = reference.original_focal_loss(x.double().numpy(), tt.numpy(), weights=weights, logits=logits,
+                                                 n_classes=None if not args else 3)
+    H.assert_close(value, ref_v, "float64", "value")
+    H.assert_close(grad, ref_g, "float64", "gradient")
+
+
+def test_original_modules_follow_the_input_device():
+    """Nothing is moved to CUDA: the class weights and the one-hot go where pred and teacher are."""
+    ft = _ft()
+    seg = ft.SegmentationFocalLoss(weights=[1.0, 2.0, 0.5])
+    cls = ft.ClassificationFocalLoss(3, weights=[1.0, 2.0, 0.5])
+    assert seg.class_weight.device.type == "cpu"
+    meta = torch.device("meta")
+    out_seg = seg(torch.empty(2, 3, 4, 4, device=meta), torch.empty(2, 3, 4, 4, device=meta))
+    out_cls = cls(torch.empty(5, 3, device=meta), torch.zeros(5, dtype=torch.long, device=meta))
+    assert out_seg.device == meta and out_cls.device == meta
+    assert seg.to(torch.float64).class_weight.dtype == torch.float64  # a buffer: it follows the module
+    source = "".join(p.read_text() for p in pathlib.Path(ft.__file__).parent.glob("*.py"))
+    assert ".cuda(" not in source
+
+
+def test_original_modules_emit_no_warning():
+    """No deprecated ``reduce=`` (the original warned on every call)."""
+    ft = _ft()
+    pred, teacher, p, y = _original_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for logits in (True, False):
+            ft.SegmentationFocalLoss(logits=logits)(pred, teacher)
+            ft.ClassificationFocalLoss(3, logits=logits)(p, y)
+            ft.ClassificationFocalLoss(3, logits=logits)(p, F.one_hot(y, 3).float())
+    assert [str(w.message) for w in caught] == []
+
+
+def test_original_weights_length_mismatch_raises_value_error():
+    ft = _ft()
+    pred, teacher, p, y = _original_inputs()
+    msg = focal_spec.invalid_value("weights", "3 weights, one per class of pred.shape=(2, 3, 4, 4)", (1.0, 2.0))
+    with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+        ft.SegmentationFocalLoss(weights=[1.0, 2.0])(pred, teacher)
+    msg = focal_spec.invalid_value("weights", "3 weights, one per class (n_classes=3)", (1.0, 2.0))
+    with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+        ft.ClassificationFocalLoss(3, weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("module", ["SegmentationFocalLoss", "ClassificationFocalLoss"])
+def test_original_logits_false_with_weights_warns_once(module):
+    """The original built a RuntimeWarning and never raised it; now it is emitted, once per construction."""
+    ft = _ft()
+    pred, teacher, p, y = _original_inputs()
+    args = () if module == "SegmentationFocalLoss" else (3,)
+    with pytest.warns(RuntimeWarning, match=re.escape(focal_spec.original_logits_false_weights())) as caught:
+        loss = getattr(ft, module)(*args, weights=[1.0, 2.0, 0.5], logits=False)
+        loss(pred, teacher) if module == "SegmentationFocalLoss" else loss(p, y)
+    assert len([w for w in caught if w.category is RuntimeWarning]) == 1
+
+
+def test_classification_index_teacher_out_of_range_raises():
+    ft = _ft()
+    msg = focal_spec.label_out_of_range(3, 3, -100)
+    with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+        ft.ClassificationFocalLoss(3)(torch.zeros(2, 3), torch.tensor([0, 3]))
