@@ -95,38 +95,53 @@ def _label_dtype(num_classes: int) -> torch.dtype:
     return torch.int32 if num_classes <= torch.iinfo(torch.int32).max else torch.int64
 
 
-def _index_stats(xc, mx, ys, weight, o: _Opts):
-    """exp(x - M) with the label's entry zeroed, and the per-position loss, coefficient, S and 1-p_y."""
+def _index_stats(xc, mx, yk, weight, o: _Opts, out=None):
+    """exp(x - M) with the label's entry zeroed (in ``out`` if given), and the per-position loss,
+    coefficient, S and 1-p_y. ``yk`` holds the labels (>= 0) with the class dim kept."""
     d = o.dim
-    yk = ys.clamp(min=0).long().unsqueeze(d)
-    e = torch.sub(xc, mx).mul_(C.LOG2E).exp2_()  # exp(x - M); exp2 is the CPU's fast vectorized one
+    e = torch.sub(xc, mx, out=out).mul_(C.LOG2E).exp2_()  # exp(x - M); exp2 is the fast vectorized one
     others = e.scatter_(d, yk, 0.0).sum(d, keepdim=True)
     xmy = xc.gather(d, yk) - mx
     wy = None if weight is None else weight[yk]
     loss, coef, s, u = _index_row_terms(xmy, others, wy, o)
-    return e, yk, loss, coef, s, u
+    return e, loss, coef, s, u
+
+
+def _pieces(x, *operands, d: int):
+    """Pieces of the batch (dim 0) for the eager kernels; the whole tensor when dim 0 is the class dim
+    or when compiling (the compiler fuses the passes itself)."""
+    if d == 0 or C.is_compiling():
+        return [(None, (x, *operands))]
+    return C.chunked(x, *operands)
 
 
 class _SoftmaxIndexFocal(torch.autograd.Function):
     """Class indices, no smoothing. Saves the logits, the labels in a small integer dtype (-1 where a
     position is not counted) and the per-position max: no more than ``F.cross_entropy`` keeps (its
-    log-probabilities and labels). Backward recomputes exp(x - M) and the rest from them."""
+    log-probabilities and labels). Backward recomputes exp(x - M) and the rest from them. Both passes
+    go over pieces of the batch, so that their temporaries stay in cache."""
 
     @staticmethod
     def forward(ctx, x, ys, weight, bad, scale, o: _Opts, check_garbage: bool):  # type: ignore[override]
         d = o.dim
         with C.no_autocast(x.device):
-            xc = x.to(o.cdtype)
-            counted = (ys >= 0).unsqueeze(d)
-            mx = xc.amax(d, keepdim=True)
+            yk = ys.unsqueeze(d)  # (N, 1, ...): sliced along with x
+            mx = torch.empty(yk.shape, dtype=o.cdtype, device=x.device)
+            loss = torch.empty(yk.shape, dtype=o.cdtype, device=x.device)
+            for region, (xp, ykp) in _pieces(x, yk, d=d):
+                xc = xp.to(o.cdtype)
+                m = xc.amax(d, keepdim=True)
+                _, lp, _, _, _ = _index_stats(xc, m, ykp.clamp(min=0).long(), weight, o)
+                C.piece_of(mx, region).copy_(m)
+                C.piece_of(loss, region).copy_(lp)
+            counted = yk >= 0
             # An uncounted position may hold NaN/inf logits; its gradient must then be masked, which
             # costs a pass. Whether any does is free to find out on the CPU; elsewhere, assume so.
-            mask_grad = bool((~counted & ~torch.isfinite(mx)).any()) if check_garbage else True
-            _, _, loss, _, _, _ = _index_stats(xc, mx, ys, weight, o)
+            ctx.mask_grad = bool((~counted & ~torch.isfinite(mx)).any()) if check_garbage else True
             loss = C.zero_unless(loss, counted)
             if bad is not None:  # under torch.compile only: an out-of-range label makes its loss NaN
                 loss = torch.where(bad.unsqueeze(d), math.nan, loss)
-            ctx.o, ctx.mask_grad = o, mask_grad
+            ctx.o = o
             ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
             if not ctx.scale_is_tensor:
                 ctx.scale = scale
@@ -149,25 +164,34 @@ class _SoftmaxIndexFocal(torch.autograd.Function):
         d = o.dim
         scale = scale_t if ctx.scale_is_tensor else ctx.scale
         with C.no_autocast(x.device):
+            yk = ys.unsqueeze(d)
             go = grad_out.to(o.cdtype)
             if o.reduction == "none":
                 go = go.unsqueeze(d)
             elif o.reduction == "mean":
                 go = go * scale
-            counted = (ys >= 0).unsqueeze(d)
             if torch.is_grad_enabled() and not C.is_compiling():
                 # Double backward: the general closed form, built from the logits with differentiable
                 # ops (the saved max carries no graph).
-                valid = ys >= 0
-                go = torch.where(counted, go, 0.0)
-                return (_general_grad(x, ys.clamp(min=0).long(), weight, valid, o) * go).to(x.dtype), *none
-            g, yk, _, coef, s, u = _index_stats(x.to(o.cdtype), mx, ys, weight, o)
-            c = C.zero_unless(coef * go, counted)
-            g.mul_(-c / s)  # -c p_k (zero at k = y, whose entry was zeroed)
-            g.scatter_(d, yk, c * u)  # c (1 - p_y) at k = y
-            if ctx.mask_grad:  # uncounted positions holding NaN/inf logits: their gradient is exactly 0
-                g = C.zero_unless(g, counted)
-            return g.to(x.dtype), *none
+                go = torch.where(yk >= 0, go, 0.0)
+                return (_general_grad(x, ys.clamp(min=0).long(), weight, ys >= 0, o) * go).to(x.dtype), *none
+            grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if go.dim() == 0:
+                go = go.expand(yk.shape)
+            for region, (xp, ykp, mp, gp) in _pieces(x, yk, mx, go, d=d):
+                out = C.piece_of(grad, region)
+                counted = ykp >= 0
+                ykl = ykp.clamp(min=0).long()
+                e, _, coef, s, u = _index_stats(xp.to(o.cdtype), mp, ykl, weight, o,
+                                                out=out if out.dtype == o.cdtype else None)
+                c = C.zero_unless(coef * gp, counted)
+                e.mul_(-c / s)  # -c p_k (zero at k = y, whose entry was zeroed)
+                e.scatter_(d, ykl, c * u)  # c (1 - p_y) at k = y
+                if ctx.mask_grad:  # uncounted positions holding NaN/inf logits: their gradient is exactly 0
+                    e = C.zero_unless(e, counted)
+                if e is not out:
+                    out.copy_(e)
+            return grad, *none
 
 
 # ----------------------------------------------------------------------------------------
@@ -209,13 +233,18 @@ def _targets(x, labels, o: _Opts):
 
 
 def _sanitize(x, labels, valid, o: _Opts):
+    """Zeroes the logits (and probability labels) of uncounted positions before any math. With
+    autograd recording (double backward) this is ``torch.where``; otherwise bits are cleared."""
     d = o.dim
     xs = x.to(o.cdtype)
     if valid is not None:
         vk = valid.unsqueeze(d)
-        xs = torch.where(vk, xs, 0.0)
+        if torch.is_grad_enabled() and xs.requires_grad:
+            xs = torch.where(vk, xs, 0.0)
+        else:
+            xs = C.zero_unless(xs, vk)
         if labels.dtype.is_floating_point:
-            labels = torch.where(vk, labels, 0.0)
+            labels = C.zero_unless(labels, vk)
     return xs, labels
 
 

@@ -44,19 +44,21 @@ def test_float_gamma_zero_gives_exactly_the_cross_entropy_gradient(backend):
     x = np.array([1000.0, -1000.0, 30.0, 0.0, -3.0, 17.5], np.float32)
     t = np.array([1.0, 0.0, 1.0, 0.5, 0.9, 1.0], np.float32)
     if backend == "jax":
-        import focal_jax
         import jax
         import jax.numpy as jnp
         import optax
+
+        import focal_jax
 
         xs, ts = jnp.asarray(x), jnp.asarray(t)
         g_float = jax.grad(lambda z: focal_jax.sigmoid_focal_loss(z, ts, gamma=0.0, reduction="sum"))(xs)
         g_int = jax.grad(lambda z: focal_jax.sigmoid_focal_loss(z, ts, gamma=0, reduction="sum"))(xs)
         g_ce = jax.grad(lambda z: optax.sigmoid_binary_cross_entropy(z, ts).sum())(xs)
     else:
-        import focal_torch
         import torch
         import torch.nn.functional as F
+
+        import focal_torch
 
         def grad(fn):
             z = torch.tensor(x, requires_grad=True)
@@ -93,17 +95,19 @@ def test_sigmoid_hessian_is_finite_for_small_gamma(backend, target, gamma, dtype
     x = HESSIAN_LOGITS
     t = np.full_like(x, target)
     if backend == "jax":
-        import focal_jax
         import jax
         import jax.numpy as jnp
+
+        import focal_jax
 
         with jax.enable_x64(dtype == "float64"):
             xs, ts = jnp.asarray(x, dtype), jnp.asarray(t, dtype)
             hess = np.asarray(jax.hessian(lambda z: focal_jax.sigmoid_focal_loss(z, ts, gamma=gamma,
                                                                                  reduction="sum"))(xs))
     else:
-        import focal_torch
         import torch
+
+        import focal_torch
 
         tt = torch.tensor(t, dtype=getattr(torch, dtype))
         hess = torch.autograd.functional.hessian(
@@ -180,15 +184,17 @@ def test_half_precision_returns_the_input_dtype_and_keeps_soft_targets(backend, 
     x = np.full(4, 8.0)
     t = np.full(4, 0.9)  # bfloat16 would hold 0.8984375
     if backend == "jax":
-        import focal_jax
         import jax.numpy as jnp
+
+        import focal_jax
 
         out = focal_jax.sigmoid_focal_loss(jnp.asarray(x, dtype), jnp.asarray(t, jnp.float32), reduction="none")
         assert out.dtype == jnp.dtype(dtype)
         grad_dtype = None
     else:
-        import focal_torch
         import torch
+
+        import focal_torch
 
         xt = torch.tensor(x, dtype=getattr(torch, dtype), requires_grad=True)
         out = focal_torch.sigmoid_focal_loss(xt, torch.tensor(t, dtype=torch.float32), reduction="none")
@@ -290,10 +296,10 @@ def test_one_class(backend, loss):
 
 
 def test_torch_out_of_range_label_raises_the_spec_error():
-    import focal_torch
     import torch
 
     import focal_spec
+    import focal_torch
 
     msg = focal_spec.label_out_of_range(7, 3, -100)
     with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
@@ -304,9 +310,10 @@ def test_torch_out_of_range_label_raises_the_spec_error():
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_jax_out_of_range_label_gives_nan_for_that_element(jit):
-    import focal_jax
     import jax
     import jax.numpy as jnp
+
+    import focal_jax
 
     fn = lambda x, y: focal_jax.softmax_focal_loss(x, y, reduction="none")
     fn = jax.jit(fn) if jit else fn

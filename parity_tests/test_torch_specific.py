@@ -434,3 +434,27 @@ def test_classification_index_teacher_out_of_range_raises():
     msg = focal_spec.label_out_of_range(3, 3, -100)
     with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
         ft.ClassificationFocalLoss(3)(torch.zeros(2, 3), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("labels", ["index", "index-none", "probs"])
+def test_softmax_pieces_match_reference(monkeypatch, labels):
+    from focal_torch import _common
+
+    monkeypatch.setattr(_common, "CHUNK", 20)
+    ft = _ft()
+    rng = np.random.default_rng(7)
+    x = rng.normal(scale=3.0, size=(6, 4, 5))
+    kw = {"gamma": 0.5, "reduction": "none" if labels == "index-none" else "mean", "weight": rng.uniform(0.5, 2, 4)}
+    if labels == "probs":
+        y = np.moveaxis(rng.dirichlet(np.ones(4), size=(6, 5)), -1, 1)
+        kw["where"] = rng.uniform(size=(6, 5)) < 0.7
+        x = np.where(kw["where"][:, None], x, np.nan)
+    else:
+        y = rng.integers(0, 4, size=(6, 5))
+        y[1, 2] = y[4, 0] = -100
+        x[1, :, 2] = np.inf
+    ref_v, ref_g = reference.softmax_focal_loss(x, y, axis=1, **kw)
+    tkw = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    v, g = _value_and_grad(lambda z: ft.softmax_focal_loss(z, torch.as_tensor(y), **tkw), torch.tensor(x))
+    H.assert_close(v, ref_v, "float64", "value")
+    H.assert_close(g, ref_g, "float64", "gradient")

@@ -14,20 +14,12 @@ JIT_CASES = [c for i, c in enumerate(H.SIGMOID_CASES) if i % 6 == 0]
 JIT_SOFT = [c for i, c in enumerate(H.SOFTMAX_CASES) if i % 5 == 0]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=H.case_id(c)) for c in JIT_CASES])
-def test_sigmoid_jit_equals_eager(case):
-    inp = H.sigmoid_inputs(case)
-    ev, eg = H.run_jax("sigmoid", inp)
-    jv, jg = H.run_jax("sigmoid", inp, transform="jit")
-    H.assert_close(jv, ev, case["dtype"], "value")
-    H.assert_close(jg, eg, case["dtype"], "gradient")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, id=H.case_id(c)) for c in JIT_SOFT])
-def test_softmax_jit_equals_eager(case):
-    inp = H.softmax_inputs(case)
-    ev, eg = H.run_jax("softmax", inp)
-    jv, jg = H.run_jax("softmax", inp, transform="jit")
+@pytest.mark.parametrize("loss,case", [pytest.param("sigmoid", c, id="sigmoid-" + H.case_id(c)) for c in JIT_CASES]
+                         + [pytest.param("softmax", c, id="softmax-" + H.case_id(c)) for c in JIT_SOFT])
+def test_jit_equals_eager(loss, case):
+    inp = (H.sigmoid_inputs if loss == "sigmoid" else H.softmax_inputs)(case)
+    ev, eg = H.run_jax(loss, inp)
+    jv, jg = H.run_jax(loss, inp, transform="jit")
     H.assert_close(jv, ev, case["dtype"], "value")
     H.assert_close(jg, eg, case["dtype"], "gradient")
 
@@ -35,9 +27,10 @@ def test_softmax_jit_equals_eager(case):
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("reduction", H.REDUCTIONS)
 def test_vmap_equals_loop(loss, reduction):
-    import focal_jax
     import jax
     import jax.numpy as jnp
+
+    import focal_jax
 
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
@@ -56,9 +49,10 @@ def test_vmap_equals_loop(loss, reduction):
 
 
 def test_second_jit_call_does_not_recompile():
-    import focal_jax
     import jax
     import jax.numpy as jnp
+
+    import focal_jax
 
     traces = []
 
@@ -75,9 +69,10 @@ def test_second_jit_call_does_not_recompile():
 
 @pytest.mark.parametrize("name", ["SegmentationFocalLoss", "ClassificationFocalLoss"])
 def test_jax_original_modules_are_hashable_static_arguments(name):
-    import focal_jax
     import jax
     import jax.numpy as jnp
+
+    import focal_jax
 
     args = (3,) if name == "ClassificationFocalLoss" else ()
     a = getattr(focal_jax, name)(*args, gamma=2, weights=[1.0, 2.0, 0.5])
@@ -101,8 +96,9 @@ SIG_MODULE_KW = [
 
 @pytest.mark.parametrize("kw", SIG_MODULE_KW, ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()))
 def test_torch_sigmoid_module_equals_functional(kw):
-    import focal_torch
     import torch
+
+    import focal_torch
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 5, generator=g)
@@ -126,8 +122,9 @@ def test_torch_sigmoid_module_equals_functional(kw):
 
 
 def test_torch_softmax_module_equals_functional():
-    import focal_torch
     import torch
+
+    import focal_torch
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 5, 6, generator=g)
@@ -149,8 +146,9 @@ def test_torch_softmax_module_equals_functional():
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.5])
 def test_torch_gradcheck(loss, gamma):
-    import focal_torch
     import torch
+
+    import focal_torch
 
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(3, 4, 2, generator=g, dtype=torch.float64) * 2).requires_grad_()
@@ -167,9 +165,10 @@ def test_torch_gradcheck(loss, gamma):
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.5])
 def test_jax_check_grads(loss, gamma, x64):
-    import focal_jax
     import jax.numpy as jnp
     from jax.test_util import check_grads
+
+    import focal_jax
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(scale=2.0, size=(3, 2, 4)), jnp.float64)

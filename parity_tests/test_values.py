@@ -9,46 +9,28 @@ from parity_tests import _harness as H
 BACKENDS = ("jax", "torch")
 
 
-def _params(cases):
-    return [pytest.param(H.case_id(c), id=H.case_id(c)) for c in cases]
-
-
 def _dtype(cid: str) -> str:
     return "float64" if "dtype=float64" in cid else "float32"
 
 
+GRID = [pytest.param(loss, H.case_id(c), id=f"{loss}-{H.case_id(c)}")
+        for loss, cases in (("sigmoid", H.SIGMOID_CASES), ("softmax", H.SOFTMAX_CASES)) for c in cases]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cid", _params(H.SIGMOID_CASES))
-def test_sigmoid_matches_reference(backend, cid):
-    ref_v, ref_g = H.cached("reference", "sigmoid", cid)
-    v, g = H.cached(backend, "sigmoid", cid)
+@pytest.mark.parametrize("loss,cid", GRID)
+def test_matches_reference(backend, loss, cid):
+    ref_v, ref_g = H.cached("reference", loss, cid)
+    v, g = H.cached(backend, loss, cid)
     assert v.shape == ref_v.shape and g.shape == ref_g.shape
     H.assert_close(v, ref_v, _dtype(cid), "value")
     H.assert_close(g, ref_g, _dtype(cid), "gradient")
 
 
-@pytest.mark.parametrize("cid", _params(H.SIGMOID_CASES))
-def test_sigmoid_jax_equals_torch(cid):
-    jv, jg = H.cached("jax", "sigmoid", cid)
-    tv, tg = H.cached("torch", "sigmoid", cid)
-    H.assert_close(jv, tv, _dtype(cid), "value")
-    H.assert_close(jg, tg, _dtype(cid), "gradient")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cid", _params(H.SOFTMAX_CASES))
-def test_softmax_matches_reference(backend, cid):
-    ref_v, ref_g = H.cached("reference", "softmax", cid)
-    v, g = H.cached(backend, "softmax", cid)
-    assert v.shape == ref_v.shape and g.shape == ref_g.shape
-    H.assert_close(v, ref_v, _dtype(cid), "value")
-    H.assert_close(g, ref_g, _dtype(cid), "gradient")
-
-
-@pytest.mark.parametrize("cid", _params(H.SOFTMAX_CASES))
-def test_softmax_jax_equals_torch(cid):
-    jv, jg = H.cached("jax", "softmax", cid)
-    tv, tg = H.cached("torch", "softmax", cid)
+@pytest.mark.parametrize("loss,cid", GRID)
+def test_jax_equals_torch(loss, cid):
+    jv, jg = H.cached("jax", loss, cid)
+    tv, tg = H.cached("torch", loss, cid)
     H.assert_close(jv, tv, _dtype(cid), "value")
     H.assert_close(jg, tg, _dtype(cid), "gradient")
 
