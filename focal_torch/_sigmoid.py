@@ -66,21 +66,43 @@ def _bits(mask, o: _Opts):
     return None if mask is None else C.keep_bits(mask, o.cdtype)
 
 
-def _loss_inplace(x, t, alpha, weight, mask, o: _Opts) -> torch.Tensor:
-    """Elementwise loss of one piece, in two buffers, with in-place ops."""
+def _scale_inplace(buf, tp, alpha, weight, mask, o: _Opts) -> float:
+    """Multiplies ``buf`` in place by the factors of a (α_t, weight, mask) and returns the scalar part
+    still to be applied: a scalar α_t = (1-α)(1 + t'(2α-1)/(1-α)) costs one pass, not three."""
+    k = 1.0
+    if alpha is not None:
+        buf.mul_(torch.addcmul(1.0 - alpha, tp, 2.0 * alpha - 1.0))
+    elif o.alpha is not None:
+        if o.alpha == 1.0:
+            buf.mul_(tp)
+        else:
+            buf.addcmul_(buf, tp, value=(2.0 * o.alpha - 1.0) / (1.0 - o.alpha))
+            k = 1.0 - o.alpha
+    if weight is not None:
+        buf.mul_(weight)
+    if mask is not None:
+        buf.mul_(mask)
+    return k
+
+
+def _loss_inplace(x, t, alpha, weight, mask, o: _Opts, *, reduce: bool) -> torch.Tensor:
+    """Elementwise loss of one piece (or, with ``reduce``, its sum), in two buffers, in place."""
     x, tp = _prepare(x, t, mask, o, bits=_bits(mask, o))
     ce = F.softplus(x, 1.0, C.SOFTPLUS_THRESHOLD).addcmul_(tp, x, value=-1.0)  # softplus(x) - t'x
-    if o.gamma != 0.0:
-        q = torch.sigmoid(x)
-        q.addcmul_(q, tp, value=-2.0).add_(tp)  # 1-p_t = s + t' - 2st' (exactly 1-s for t' = 1)
-        if o.gamma_int is not None:
-            m = C.ipow(q, o.gamma_int, inplace=True)
-        else:
-            m = q.clamp_(min=torch.finfo(o.cdtype).tiny).pow_(o.gamma)
-        ce.mul_(m)
-    for f in _factors(tp, alpha, weight, mask, o):  # all broadcast to the logits' shape
-        ce.mul_(f)
-    return ce
+    k = _scale_inplace(ce, tp, alpha, weight, mask, o)  # the factors broadcast to the logits' shape
+    if o.gamma == 0.0:
+        return ce.sum() * k if reduce else ce.mul_(k)
+    q = torch.sigmoid(x)
+    q.addcmul_(q, tp, value=-2.0).add_(tp)  # 1-p_t = s + t' - 2st' (exactly 1-s for t' = 1)
+    if o.gamma_int is not None:  # ce q^n = (ce q^(n-1)) q: the last factor goes into the sum
+        for _ in range(o.gamma_int - 1):
+            ce.mul_(q)
+        m = q
+    else:
+        m = q.clamp_(min=torch.finfo(o.cdtype).tiny).pow_(o.gamma)
+    if reduce:
+        return torch.dot(ce.view(-1), m.view(-1)) * k
+    return ce.mul_(m).mul_(k) if k != 1.0 else ce.mul_(m)
 
 
 def _grad_inplace(x, t, alpha, weight, mask, o: _Opts, coef, divisor, out) -> None:
@@ -107,8 +129,7 @@ def _grad_inplace(x, t, alpha, weight, mask, o: _Opts, coef, divisor, out) -> No
         elif o.gamma_int >= 2:
             g.mul_(C.ipow(q, o.gamma_int - 1, inplace=True))
         k = o.gamma
-    for f in _factors(tp, alpha, weight, mask, o):
-        g.mul_(f)
+    k *= _scale_inplace(g, tp, alpha, weight, mask, o)
     if isinstance(coef, torch.Tensor):
         g.mul_(coef)
     else:
@@ -209,11 +230,11 @@ class _SigmoidFocal(torch.autograd.Function):
                 out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if o.reduction == "none" else None
                 parts = []
                 for region, (xp, tp, ap, wp, mp) in C.chunked(x, t, alpha, weight, mask):
-                    piece = _loss_inplace(xp, tp, ap, wp, mp, o)
+                    piece = _loss_inplace(xp, tp, ap, wp, mp, o, reduce=out is None)
                     if out is not None:
                         C.piece_of(out, region).copy_(piece)
                     else:
-                        parts.append(piece.sum())
+                        parts.append(piece)
                 if out is not None:
                     return out
                 total = parts[0] if len(parts) == 1 else torch.stack(parts).sum()

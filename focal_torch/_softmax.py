@@ -60,29 +60,27 @@ def _rho(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _index_row_terms(xmy, others, wy, o: _Opts):
     """Per-position loss and backward coefficient w_y κ_y, from x_y - M and Σ_{k≠y} e^(x_k - M).
 
-    ``others`` is summed without the label's own term, so 1-p_y = others/S and
-    log(1-p_y) = log(others) - log S have no cancellation even when p_y rounds to 1. Plain
+    ``others`` is summed without the label's own term, so 1-p_y = others/S has no cancellation
+    even when p_y rounds to 1, and log S is log1p(others + expm1(x_y - M)): for a label at the
+    max that is log1p(others), accurate however small, so log p_y = x_y - M - log S is too. Plain
     arithmetic only (no ``where``, whose boolean kernels are slow on the CPU): an uncounted
     position may come out as garbage here, and the caller zeroes it.
     """
     ey = torch.exp(xmy)
     s = others + ey
+    log_s = torch.log1p(torch.expm1(xmy).add_(others))
+    logp = xmy - log_s
     u = others / s  # 1 - p_y
-    log_s = torch.log(s)
-    # log p_y: log1p(-(1-p_y)) where p_y > 1/2 (accurate as p_y -> 1), else x_y - M - log S.
-    near = (0.5 - u).mul_(1e30).clamp_(0.0, 1.0)  # 1 where u < 1/2, else 0
-    logp = torch.log1p(-u.clamp(max=0.5)).mul_(near).add_((xmy - log_s).mul_(1.0 - near))
     if o.gamma == 0.0:
-        loss, coef = -logp, torch.full_like(logp, -1.0)
+        loss, coef = logp.neg_(), torch.full_like(logp, -1.0)
     else:
         if o.gamma_int is not None:
             m = C.ipow(u, o.gamma_int, inplace=False)
         else:
-            m = torch.exp(o.gamma * (torch.log(others) - log_s))
+            m = torch.log(others).sub_(log_s).mul_(o.gamma).exp_()
         # κ = m (γ p ρ - 1), ρ = log p / (1-p); where 1-p underflows to 0, m = 0 and ρ does not matter.
-        rho = logp / u.clamp(min=torch.finfo(u.dtype).tiny)
-        coef = (ey / s).mul_(rho).mul_(o.gamma).sub_(1.0).mul_(m)
-        loss = -(m * logp)
+        coef = (ey / s).mul_(logp).div_(u.clamp(min=torch.finfo(u.dtype).tiny)).mul_(o.gamma).sub_(1.0).mul_(m)
+        loss = logp.mul_(m).neg_()
     if wy is not None:
         loss, coef = loss.mul_(wy), coef.mul_(wy)
     return loss, coef, s, u
@@ -95,13 +93,21 @@ def _label_dtype(num_classes: int) -> torch.dtype:
     return torch.int32 if num_classes <= torch.iinfo(torch.int32).max else torch.int64
 
 
-def _index_stats(xc, mx, yk, weight, o: _Opts, out=None):
-    """exp(x - M) with the label's entry zeroed (in ``out`` if given), and the per-position loss,
-    coefficient, S and 1-p_y. ``yk`` holds the labels (>= 0) with the class dim kept."""
+def _index_stats(xc, mx, yk, weight, o: _Opts, out=None, exact=True):
+    """exp(x - M) (in ``out`` if given), and the per-position loss, coefficient, S and 1-p_y.
+    ``yk`` holds the labels (>= 0) with the class dim kept.
+
+    ``exact``: Σ_{k≠y} e_k is summed with the label's entry zeroed (as the forward value needs), and
+    that entry of the returned exp(x - M) is 0. Otherwise (the backward, which only needs the
+    coefficient to within rounding) it is S - e_y, one scatter cheaper, and exp(x - M) is whole.
+    """
     d = o.dim
     e = torch.sub(xc, mx, out=out).mul_(C.LOG2E).exp2_()  # exp(x - M); exp2 is the fast vectorized one
-    others = e.scatter_(d, yk, 0.0).sum(d, keepdim=True)
     xmy = xc.gather(d, yk) - mx
+    if exact:
+        others = e.scatter_(d, yk, 0.0).sum(d, keepdim=True)
+    else:
+        others = e.sum(d, keepdim=True).sub_(torch.exp(xmy)).clamp_(min=0.0)
     wy = None if weight is None else weight[yk]
     loss, coef, s, u = _index_row_terms(xmy, others, wy, o)
     return e, loss, coef, s, u
@@ -112,7 +118,7 @@ def _pieces(x, *operands, d: int):
     or when compiling (the compiler fuses the passes itself)."""
     if d == 0 or C.is_compiling():
         return [(None, (x, *operands))]
-    return C.chunked(x, *operands)
+    return C.chunked(x, *operands, chunk=C.SOFTMAX_CHUNK)
 
 
 class _SoftmaxIndexFocal(torch.autograd.Function):
@@ -182,11 +188,11 @@ class _SoftmaxIndexFocal(torch.autograd.Function):
                 out = C.piece_of(grad, region)
                 counted = ykp >= 0
                 ykl = ykp.clamp(min=0).long()
-                e, _, coef, s, u = _index_stats(xp.to(o.cdtype), mp, ykl, weight, o,
-                                                out=out if out.dtype == o.cdtype else None)
+                e, _, coef, s, _ = _index_stats(xp.to(o.cdtype), mp, ykl, weight, o,
+                                                out=out if out.dtype == o.cdtype else None, exact=False)
                 c = C.zero_unless(coef * gp, counted)
-                e.mul_(-c / s)  # -c p_k (zero at k = y, whose entry was zeroed)
-                e.scatter_(d, ykl, c * u)  # c (1 - p_y) at k = y
+                e.mul_(-c / s)  # -c p_k
+                e.scatter_add_(d, ykl, c)  # + c at k = y: c (δ_ky - p_k)
                 if ctx.mask_grad:  # uncounted positions holding NaN/inf logits: their gradient is exactly 0
                     e = C.zero_unless(e, counted)
                 if e is not out:
