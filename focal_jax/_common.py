@@ -1,4 +1,4 @@
-"""Private helpers shared by the JAX losses: arrays, dtypes and small arithmetic."""
+"""Private code shared by the JAX losses: arrays, dtypes, option values, label masks and small arithmetic."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 import focal_spec
 
@@ -21,6 +22,37 @@ def shape_of(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
     return tuple(value.shape) if hasattr(value, "shape") else tuple(np.shape(value))
+
+
+def dtype_of(value: Any) -> Any:
+    """The dtype of an optional array-like argument (NumPy's for lists and numbers), or None."""
+    if value is None:
+        return None
+    return value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+
+
+def is_traced(value: Any) -> bool:
+    """Whether ``value`` is a tracer (``jit``, ``vmap``, ``grad``...): its values are unknown here."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def host_value(value: Any) -> Any:
+    """What :mod:`focal_spec`'s checks see of an option.
+
+    A traced array is ``focal_spec.Unknown(shape)`` (checked by shape only); a concrete JAX array is
+    copied to NumPy (a device-to-host transfer, as reading any array's values is) and checked in full;
+    anything else (numbers, NumPy arrays, lists, and wrong types, which the checks reject) as it is.
+    """
+    if is_traced(value):
+        return focal_spec.Unknown(tuple(value.shape))
+    if isinstance(value, jax.Array):
+        return np.asarray(value)
+    return value
+
+
+def perturbed(tangent: Any) -> bool:
+    """Whether a custom-JVP tangent is a real one (not None, not a symbolic zero)."""
+    return tangent is not None and not isinstance(tangent, SymbolicZero)
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -39,3 +71,23 @@ def power(q: jax.Array, n: int) -> jax.Array | float:
     for _ in range(n):
         out = q * out
     return out
+
+
+def label_masks(y: jax.Array, ignore_index: int | None, num_classes: int) -> tuple[jax.Array, jax.Array]:
+    """(y != ignore_index, 0 <= y < num_classes) for integer labels of any dtype, without wrapping.
+
+    An ``ignore_index`` that ``y``'s dtype cannot hold matches nothing (a uint8 label 156 is class 156,
+    never -100), and ``num_classes`` beyond the dtype's range is not converted to it either.
+    """
+    info = np.iinfo(y.dtype)
+    if ignore_index is not None and info.min <= ignore_index <= info.max:
+        counted = y != np.asarray(ignore_index, y.dtype)
+    else:
+        counted = jnp.ones(y.shape, bool)
+    if num_classes > info.max:
+        in_range = y >= np.asarray(0, y.dtype)
+    else:
+        # one unsigned comparison tests 0 <= y < C (a negative y wraps to a large unsigned number)
+        unsigned = np.dtype(f"uint{8 * y.dtype.itemsize}")
+        in_range = y.astype(unsigned) < np.asarray(num_classes, unsigned)
+    return counted, in_range

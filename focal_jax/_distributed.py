@@ -15,8 +15,9 @@ def reduce_loss(loss: jax.Array, reduction: str, count: jax.typing.ArrayLike,
                 axis_name: Hashable | None) -> jax.Array:
     """Applies ``reduction`` to the elementwise (or per-position) loss.
 
-    ``count`` is the mean's denominator; it carries no gradient. A mean over nothing (``count``
-    of 0) is 0, with zero gradients. With ``axis_name``, the numerator and the denominator are
+    ``count`` is the mean's denominator; it is differentiated like the sum (the softmax loss's
+    Σ w[y_i] depends on ``weight``), whatever its sign. A mean over nothing (``count`` of exactly 0)
+    is 0, with zero gradients. With ``axis_name``, the numerator and the denominator are
     ``psum``-ed over that named axis (inside ``shard_map`` or ``pmap``), so the mean is the exact
     mean over the global batch and the sum the global sum.
     """
@@ -27,7 +28,7 @@ def reduce_loss(loss: jax.Array, reduction: str, count: jax.typing.ArrayLike,
         total = jax.lax.psum(total, axis_name)
     if reduction == "sum":
         return total
-    count = jax.lax.stop_gradient(jnp.asarray(count, total.dtype))
+    count = jnp.asarray(count, total.dtype)
     if axis_name is not None:
         count = jax.lax.psum(count, axis_name)
     nothing = count == 0
@@ -62,7 +63,7 @@ def positive_normalizer(
       A scalar, float32 (float64 for float64 targets).
 
     Raises:
-      TypeError: a non-numeric ``targets`` dtype.
+      TypeError: a non-numeric ``targets`` dtype, or a ``where`` that is not boolean.
       ValueError: a ``where`` shape that does not broadcast to ``targets``.
 
     Examples:
@@ -82,7 +83,8 @@ def positive_normalizer(
     # The sigmoid loss's validation covers the targets' dtype and the shape of ``where``.
     focal_spec.sigmoid_options(targets.shape, dtype, targets.shape, targets.dtype, gamma=focal_spec.GAMMA,
                                alpha=None, weight_shape=None, label_smoothing=0.0,
-                               where_shape=_common.shape_of(where), reduction="sum")
+                               where_shape=_common.shape_of(where), reduction="sum",
+                               where_dtype=_common.dtype_of(where))
     t = targets.astype(dtype)
     if where is not None:
         t = jnp.where(jnp.broadcast_to(jnp.asarray(where, bool), t.shape), t, jnp.zeros_like(t))

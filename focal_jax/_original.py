@@ -9,11 +9,26 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import focal_spec
 from focal_jax import _common, _distributed
 from focal_jax._sigmoid import binary_cross_entropy
 from focal_jax._softmax import softmax_focal_loss
+
+_NEVER = -(2**64)  # an ignore_index no integer dtype can hold: it matches no label
+
+
+def _check_indices(teacher: jax.Array, c: int) -> jax.Array:
+    """Class indices outside [0, C), negative ones included: a ValueError with the spec's message when the
+    teacher is concrete (outside ``jit``); under ``jit`` they cannot raise, and the mask it returns makes
+    those positions' loss NaN."""
+    _, in_range = _common.label_masks(teacher, None, c)
+    if not _common.is_traced(teacher):
+        ok = np.asarray(in_range)
+        if not ok.all():
+            raise ValueError(focal_spec.label_out_of_range(int(np.asarray(teacher)[~ok].ravel()[0]), c, None))
+    return ~in_range
 
 
 def _original_loss(module: SegmentationFocalLoss | ClassificationFocalLoss, pred: jax.typing.ArrayLike,
@@ -21,19 +36,23 @@ def _original_loss(module: SegmentationFocalLoss | ClassificationFocalLoss, pred
     pred = _common.as_array(pred)
     teacher = _common.as_array(teacher)
     ax, kind = focal_spec.check_original_call(pred.shape, pred.dtype, teacher.shape, module.weights, module.axis,
-                                              classification)
+                                              classification, module.n_classes if classification else None)
     cdt = _common.compute_dtype(pred.dtype)
     c = pred.shape[ax]
     x = pred.astype(cdt)
     w = None if module.weights is None else jnp.asarray(module.weights, cdt)
     if not module.logits:
         # The softmax focal loss on the class indices, each position weighted by its class, plain mean.
+        # The original has no ignore_index: _NEVER matches nothing, so a -100 label is out of range too.
+        if kind == "index":
+            _check_indices(teacher, c)
         y = teacher if kind == "index" else jnp.argmax(teacher, axis=ax)
-        total = softmax_focal_loss(x, y, gamma=module.gamma, weight=w, axis=ax, reduction="sum")
+        total = softmax_focal_loss(x, y, gamma=module.gamma, weight=w, axis=ax, reduction="sum",
+                                   ignore_index=_NEVER)
         return (total / max(math.prod(y.shape), 1)).astype(pred.dtype)
     if kind == "index":
-        bad = (teacher < 0) | (teacher >= c)  # cannot raise under jit: these positions become NaN
-        t = jax.nn.one_hot(jnp.where(bad, 0, teacher), c, axis=ax, dtype=cdt)
+        bad = _check_indices(teacher, c)
+        t = jax.nn.one_hot(jnp.where(bad, 0, teacher.astype(jnp.int32)), c, axis=ax, dtype=cdt)
         t = jnp.where(jnp.expand_dims(bad, ax), jnp.full((), jnp.nan, cdt), t)
     else:
         t = teacher.astype(cdt)
@@ -144,7 +163,8 @@ class ClassificationFocalLoss:
       axis: the class axis of ``pred`` (1 by default).
 
     Call ``loss(pred, teacher)`` with floating ``pred`` of shape (B, C) and ``teacher`` either
-    integer class indices of shape (B,) or a one-hot (B, C), in both modes.
+    integer class indices of shape (B,) (any integer dtype) or a one-hot (B, C), in both modes.
+    The original has no ignore_index: every class index must lie in [0, C).
 
     Returns:
       A scalar in ``pred``'s dtype: the mean loss. Under ``jit`` a class index outside [0, C) cannot
@@ -152,7 +172,9 @@ class ClassificationFocalLoss:
 
     Raises:
       ValueError: ``gamma`` < 0, ``n_classes`` < 1, or a ``weights`` length other than ``n_classes``
-        (at construction); a teacher shape that fits neither form (at call).
+        (at construction); a teacher shape that fits neither form, a ``pred`` whose class count is
+        not ``n_classes``, or (outside ``jit``, when the teacher's values can be read) a class index
+        outside [0, C), negative ones included (at call).
       TypeError: non-boolean ``logits`` (at construction); non-floating ``pred`` (at call).
 
     Examples:

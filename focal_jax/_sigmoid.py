@@ -13,9 +13,10 @@ from focal_jax import _common, _distributed
 
 # ----------------------------------------------------------------------------------------
 # The elementwise kernel. ``x`` is the (sanitized) logit in the compute dtype, ``t`` the smoothed
-# target t' and ``a`` the constant scale α_t · weight · mask. Every quantity below is built from
-# exp(-|x|) with smooth, one-sided pieces, so that autodiff through the derivative rule (second
-# derivatives, ``jax.hessian``) stays finite at any logit.
+# target t', ``a`` the scale α_t · weight · mask, ``g`` an array γ (None for a number, which is
+# static: ``gamma`` and its multiply-only ``gamma_int``) and ``pw`` the positive weight π. Every
+# quantity below is built from exp(-|x|) with smooth, one-sided pieces, so that autodiff through
+# the derivative rule (second derivatives, ``jax.hessian``) stays finite at any logit.
 # ----------------------------------------------------------------------------------------
 
 
@@ -36,8 +37,8 @@ def binary_cross_entropy(x: jax.Array, t: jax.Array) -> jax.Array:
     return _cross_entropy(x, t, pos, e)
 
 
-def _parts(x: jax.Array, t: jax.Array, for_value: bool = False) -> tuple[jax.Array, ...]:
-    """σ(x), σ(-x), the cross-entropy, 1-p_t and log(σ(x)σ(-x)), each without cancellation.
+def _parts(x: jax.Array, t: jax.Array, pw: jax.Array | None, for_value: bool = False) -> tuple[jax.Array, ...]:
+    """σ(x), σ(-x), the cross-entropy, 1-p_t, log(σ(x)σ(-x)) and softplus(∓x), each without cancellation.
 
     ``for_value`` spells exp(-|x|) with ``abs``: the same numbers, but an expression XLA does not
     merge with the derivative's, so that ``value_and_grad`` recomputes the few elementwise operations
@@ -53,44 +54,75 @@ def _parts(x: jax.Array, t: jax.Array, for_value: bool = False) -> tuple[jax.Arr
     s = jnp.where(pos, inv, ei)  # σ(x)
     sn = jnp.where(pos, ei, inv)  # σ(-x)
     l1pe = jnp.log1p(e)
-    ce = l1pe + jnp.where(pos, (1.0 - t) * x, -t * x)  # as _cross_entropy
+    sp_neg = l1pe + jnp.where(pos, 0.0, -x)  # softplus(-x) = -log σ(x)
+    sp_pos = l1pe + jnp.where(pos, x, 0.0)  # softplus(x) = -log σ(-x)
+    if pw is None:
+        ce = l1pe + jnp.where(pos, (1.0 - t) * x, -t * x)  # as _cross_entropy
+    else:
+        ce = pw * t * sp_neg + (1.0 - t) * sp_pos
     q = t * sn + (1.0 - t) * s  # 1 - p_t: a sum of two non-negative terms
     log_s_sn = -2.0 * l1pe - jnp.where(pos, x, -x)  # log σ(x) + log σ(-x) = -2 log1p(e^-|x|) - |x|
-    return s, sn, ce, q, log_s_sn
+    return s, sn, ce, q, log_s_sn, sp_neg, sp_pos
 
 
-def _value(x: jax.Array, t: jax.Array, gamma: float, gamma_int: int | None) -> jax.Array:
+def _log_q(q: jax.Array) -> jax.Array:
+    """log(1-p_t), floored at the smallest normal number: finite, so that γ log(1-p_t) is 0 at γ = 0."""
+    return jnp.log(jnp.maximum(q, _common.tiny(q.dtype)))
+
+
+def _value(x: jax.Array, t: jax.Array, pw: jax.Array | None, gamma: float | jax.Array,
+           gamma_int: int | None) -> jax.Array:
     """The unscaled elementwise loss (1-p_t)^γ · ce."""
-    _, _, ce, q, _ = _parts(x, t, for_value=True)
+    _, _, ce, q, *_ = _parts(x, t, pw, for_value=True)
     if gamma_int is not None:
         return _common.power(q, gamma_int) * ce
-    return jnp.exp(gamma * jnp.log(jnp.maximum(q, _common.tiny(x.dtype)))) * ce
+    return jnp.exp(gamma * _log_q(q)) * ce
 
 
-def _coefficient(x: jax.Array, t: jax.Array, gamma: float, gamma_int: int | None) -> jax.Array:
-    """d/dx of the unscaled loss: γ m (1-2t') r ce + m (σ(x) - t'), with r = σ(x)σ(-x)/(1-p_t).
+def _coefficient(x: jax.Array, t: jax.Array, pw: jax.Array | None, gamma: float | jax.Array,
+                 gamma_int: int | None) -> jax.Array:
+    """d/dx of the unscaled loss: γ m (1-2t') r ce + m dce/dx, with r = σ(x)σ(-x)/(1-p_t).
 
-    σ(x) - t' is written (1-t')σ(x) - t'σ(-x), exact for hard targets at saturated logits. With an
-    integer γ, m·r = q^(γ-1) σ(x)σ(-x): no division, no logarithm. Otherwise
+    dce/dx = (1-t')σ(x) - π t'σ(-x), exact for hard targets at saturated logits. With an integer γ,
+    m·r = q^(γ-1) σ(x)σ(-x): no division, no logarithm. Otherwise
     m·r = exp((γ-1) log q + log σ(x)σ(-x)): no division by q either, so that differentiating this
     coefficient again (``jax.hessian``) never divides by q², which underflows at saturated logits.
     """
-    s, sn, ce, q, log_s_sn = _parts(x, t)
-    bce = (1.0 - t) * s - t * sn
+    s, sn, ce, q, log_s_sn, _, _ = _parts(x, t, pw)
+    bce = (1.0 - t) * s - (t if pw is None else pw * t) * sn
     if gamma_int == 0:
         return bce
     if gamma_int is not None:
         return _common.power(q, gamma_int - 1) * (gamma_int * (1.0 - 2.0 * t) * s * sn * ce + q * bce)
-    log_q = jnp.log(jnp.maximum(q, _common.tiny(x.dtype)))
+    log_q = _log_q(q)
     m = jnp.exp(gamma * log_q)
     m_r = jnp.exp((gamma - 1.0) * log_q + log_s_sn)
     return gamma * (1.0 - 2.0 * t) * m_r * ce + m * bce
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _kernel(x: jax.Array, t: jax.Array, a: jax.Array | None, gamma: float, gamma_int: int | None) -> jax.Array:
-    """The elementwise loss ``a · (1-p_t)^γ · ce``, whose derivative is ``a · _coefficient``."""
-    value = _value(x, t, gamma, gamma_int)
+def _target_coefficient(x: jax.Array, t: jax.Array, pw: jax.Array | None, gamma: float | jax.Array,
+                        gamma_int: int | None) -> jax.Array:
+    """d/dt' of the unscaled loss: γ q^(γ-1) (σ(-x) - σ(x)) ce + m dce/dt'.
+
+    dce/dt' = π softplus(-x) - softplus(x) (= -x when π = 1). ce/q stays bounded where q underflows
+    (both vanish together at saturated hard targets), and q^(γ-1) ce is computed as a product of
+    finite numbers, q floored at the smallest normal number.
+    """
+    s, sn, ce, q, _, sp_neg, sp_pos = _parts(x, t, pw)
+    dce = -x if pw is None else pw * sp_neg - sp_pos
+    if gamma_int == 0:
+        return dce
+    if gamma_int is not None:
+        return _common.power(q, gamma_int - 1) * (gamma_int * (sn - s) * ce + q * dce)
+    log_q = _log_q(q)
+    return gamma * jnp.exp((gamma - 1.0) * log_q) * (sn - s) * ce + jnp.exp(gamma * log_q) * dce
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _kernel(x: jax.Array, t: jax.Array, a: jax.Array | None, g: jax.Array | None, pw: jax.Array | None,
+            gamma: float | None, gamma_int: int | None) -> jax.Array:
+    """The elementwise loss ``a · (1-p_t)^γ · ce``, whose derivative wrt x is ``a · _coefficient``."""
+    value = _value(x, t, pw, gamma if g is None else g, gamma_int)
     value = value if a is None else a * value
     # Returns x where x is NaN (where the loss is NaN anyway): a select at the root keeps XLA from
     # splitting this elementwise pass across the reduction that follows it, which would keep
@@ -98,12 +130,39 @@ def _kernel(x: jax.Array, t: jax.Array, a: jax.Array | None, gamma: float, gamma
     return jnp.where(jnp.isnan(x), x, value)
 
 
-@_kernel.defjvp
 def _kernel_jvp(gamma, gamma_int, primals, tangents):
-    x, t, a = primals
-    dx = tangents[0]  # targets and scales are constants: their tangents are ignored
-    coef = _coefficient(x, t, gamma, gamma_int)
-    return _kernel(x, t, a, gamma, gamma_int), (coef if a is None else a * coef) * dx
+    """Closed forms for every input: only the tangents that are perturbed are computed.
+
+    dℓ/dx = a·_coefficient, dℓ/dt' = a·_target_coefficient, dℓ/dγ = ℓ log(1-p_t),
+    dℓ/dπ = a m t' softplus(-x) and dℓ/da = ℓ/a (the unscaled loss).
+    """
+    x, t, a, g, pw = primals
+    dx, dt, da, dg, dpw = tangents
+    gam = gamma if g is None else g
+    out = _kernel(x, t, a, g, pw, gamma, gamma_int)
+    terms = []
+    if _common.perturbed(dx):
+        terms.append(_coefficient(x, t, pw, gam, gamma_int) * dx)
+    if _common.perturbed(dt):
+        terms.append(_target_coefficient(x, t, pw, gam, gamma_int) * dt)
+    unscaled = None
+    if _common.perturbed(dg) or _common.perturbed(da):
+        unscaled = _kernel(x, t, None, g, pw, gamma, gamma_int)
+    if _common.perturbed(dg):
+        terms.append(unscaled * _log_q(_parts(x, t, pw)[3]) * dg)
+    if _common.perturbed(dpw):
+        _, _, _, q, _, sp_neg, _ = _parts(x, t, pw)
+        m = _common.power(q, gamma_int) if gamma_int is not None else jnp.exp(gam * _log_q(q))
+        terms.append(m * t * sp_neg * dpw)
+    d = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
+    if a is not None:
+        d = a * d
+    if _common.perturbed(da):
+        d = d + unscaled * da
+    return out, d
+
+
+_kernel.defjvp(_kernel_jvp, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,43 +174,66 @@ def sigmoid_focal_loss(
     logits: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
     *,
-    gamma: float = focal_spec.GAMMA,
+    gamma: jax.typing.ArrayLike = focal_spec.GAMMA,
     alpha: jax.typing.ArrayLike | None = focal_spec.ALPHA,
     weight: jax.typing.ArrayLike | None = None,
-    label_smoothing: float = focal_spec.LABEL_SMOOTHING,
+    pos_weight: jax.typing.ArrayLike | None = None,
+    label_smoothing: jax.typing.ArrayLike = focal_spec.LABEL_SMOOTHING,
     where: jax.typing.ArrayLike | None = None,
     reduction: str = focal_spec.REDUCTION,
     axis_name: Hashable | None = None,
 ) -> jax.Array:
     r"""Sigmoid focal loss for binary and multi-label classification (Lin et al. 2017).
 
-    Every element is an independent binary prediction. With t' the smoothed target and σ the
-    sigmoid:
+    Every element is an independent binary prediction. With t' the smoothed target, σ the
+    sigmoid and π the positive weight (1 when ``pos_weight`` is None):
 
     .. math::
         t' = t(1-ε) + ε/2, \quad
-        ce = -t' \log σ(x) - (1-t') \log σ(-x), \quad
+        ce = -π t' \log σ(x) - (1-t') \log σ(-x), \quad
         1-p_t = t' σ(-x) + (1-t') σ(x),
 
     .. math::
         \ell = α_t \cdot w \cdot (1-p_t)^γ \cdot ce, \quad α_t = α t' + (1-α)(1-t').
 
-    With ``gamma=0`` and no ``alpha`` this is the binary cross-entropy, in value and gradient.
-    The gradient with respect to ``logits`` has a closed form (a ``jax.custom_jvp``), so
-    ``jax.grad``, ``jax.jvp``, ``jax.vmap`` and ``jax.hessian`` all apply; ``targets``,
-    ``alpha`` and ``weight`` are constants (their gradients are zero).
+    With ``gamma=0`` and no ``alpha`` this is the binary cross-entropy
+    (``F.binary_cross_entropy_with_logits``, ``pos_weight`` included), in value and gradient.
+    Called as ``sigmoid_focal_loss(x, t, alpha=a, gamma=g, reduction="none")`` it equals
+    ``optax.sigmoid_focal_loss(x, t, alpha=a, gamma=g)``.
+
+    Gradients flow to every floating input: ``logits``, ``targets``, ``gamma``, ``alpha``,
+    ``weight``, ``pos_weight`` and ``label_smoothing``, from closed forms in a ``jax.custom_jvp``
+    (dℓ/dγ = ℓ log(1-p_t), dℓ/dt' and dℓ/dπ) and plain autodiff of the per-element scale, so
+    ``jax.grad``, ``jax.jvp``, ``jax.vmap``, ``jax.hessian``, ``jax.checkpoint`` and
+    ``lax.scan`` all apply. Only the derivatives that a transform asks for are computed.
+
+    ``gamma``, ``alpha`` and ``label_smoothing`` may be Python numbers, concrete arrays (JAX or
+    NumPy) or traced arrays (arguments of a ``jit``-ed function, ``vmap``-ed, differentiated).
+    Concrete values are range-checked (a concrete JAX array is read back to the host for it);
+    traced ones are checked by shape only, and a traced value out of range gives a meaningless
+    loss rather than an error. A whole-number ``gamma`` known when the loss is traced (a number, or
+    a concrete 0-d array) up to 8 uses multiplications only; an array or traced ``gamma`` takes the
+    general path ``exp(γ log(1-p_t))``, with ``1-p_t`` floored at the smallest normal number:
+    finite values, gradients and Hessians at any logit, the exact cross-entropy gradient at
+    γ = 0, and a finite dℓ/dγ.
 
     Args:
-      logits: floating array of any shape (float16, bfloat16, float32 or float64). Half
-        precision is computed in float32 and the result returned in the logits' dtype.
+      logits: floating array of any shape (float16, bfloat16, float32 or float64), or anything
+        ``jnp.asarray`` accepts (NumPy arrays, lists, numbers). Half precision is computed in
+        float32 and the result returned in the logits' dtype.
       targets: probabilities in [0, 1] (soft or hard), floating, integer or boolean, with a
         shape that broadcasts to ``logits``. Cast to the compute dtype, never to a half dtype.
-      gamma: focusing parameter γ >= 0, a Python number (static). Whole numbers up to 8 use
-        multiplications only.
+        A target outside [0, 1] at a counted element (255 in a uint8 mask, say) cannot raise
+        under ``jit``: that element's loss is NaN. Mask such elements with ``where``.
+      gamma: focusing parameter γ >= 0: a number, or an array broadcasting to ``logits`` (one γ
+        per class, for example).
       alpha: None (no class balance), a number in [0, 1], or an array broadcasting to ``logits``
         (one alpha per class, for example).
       weight: optional array broadcasting to ``logits``; multiplies the elementwise loss.
-      label_smoothing: ε in [0, 1]; targets become t(1-ε) + ε/2.
+      pos_weight: optional array broadcasting to ``logits`` (typically one per class): the weight
+        π of the positive term of the cross-entropy, as in
+        ``F.binary_cross_entropy_with_logits``. The modulator and α_t are unchanged.
+      label_smoothing: ε in [0, 1] (0-d); targets become t(1-ε) + ε/2.
       where: optional boolean array broadcasting to ``logits``. Elements where it is False
         contribute 0, are not counted by the mean, and get an exactly zero gradient, whatever
         their logits (NaN and inf included) and targets hold.
@@ -166,12 +248,14 @@ def sigmoid_focal_loss(
       nothing is counted). In the logits' dtype.
 
     Raises:
-      TypeError: non-floating logits, targets that are not floating, integer or boolean, or a
-        traced ``gamma``/``label_smoothing``.
-      ValueError: an option out of range, an unknown reduction, or a shape of ``targets``,
-        ``alpha``, ``weight`` or ``where`` that does not broadcast to the logits.
+      TypeError: non-floating logits, targets that are not floating, integer or boolean, a
+        ``where`` that is not boolean, or an option of the wrong type (``gamma=None``, a string).
+      ValueError: a concrete option out of range, an unknown reduction, or a shape of
+        ``targets``, ``gamma``, ``alpha``, ``weight``, ``pos_weight`` or ``where`` that does not
+        broadcast to the logits.
 
     Examples:
+      >>> import jax
       >>> import jax.numpy as jnp
       >>> import focal_jax
       >>> logits = jnp.array([[2.0, -1.0], [0.5, -3.0]])
@@ -183,6 +267,9 @@ def sigmoid_focal_loss(
       ...     print(loss)
       [[0.0005 0.017 ]
        [0.2831 0.6916]]
+      >>> step = jax.jit(jax.grad(lambda g: focal_jax.sigmoid_focal_loss(logits, targets, gamma=g)))
+      >>> print(f"{step(2.0):.4f}")  # dℓ/dγ, compiled once for every γ
+      -0.0867
 
     References:
       Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_, 2017.
@@ -190,9 +277,10 @@ def sigmoid_focal_loss(
     logits = _common.as_array(logits)
     targets = _common.as_array(targets)
     opts = focal_spec.sigmoid_options(
-        logits.shape, logits.dtype, targets.shape, targets.dtype, gamma=gamma, alpha=alpha,
-        weight_shape=_common.shape_of(weight), label_smoothing=label_smoothing,
-        where_shape=_common.shape_of(where), reduction=reduction,
+        logits.shape, logits.dtype, targets.shape, targets.dtype, gamma=_common.host_value(gamma),
+        alpha=_common.host_value(alpha), weight_shape=_common.shape_of(weight),
+        label_smoothing=_common.host_value(label_smoothing), where_shape=_common.shape_of(where),
+        reduction=reduction, where_dtype=_common.dtype_of(where), pos_weight_shape=_common.shape_of(pos_weight),
     )
     cdt = _common.compute_dtype(logits.dtype)
     shape = logits.shape
@@ -203,22 +291,37 @@ def sigmoid_focal_loss(
         mask = jnp.broadcast_to(jnp.asarray(where, bool), shape)
         x = jnp.where(mask, x, jnp.zeros_like(x))  # never let masked garbage reach the math
         t = jnp.where(mask, t, jnp.zeros_like(t))
+    if targets.dtype != jnp.bool_:
+        # cannot raise under jit: a counted target outside [0, 1] makes that element's loss NaN
+        t = jnp.where((t >= 0) & (t <= 1), t, jnp.full((), jnp.nan, cdt))
     eps = opts.label_smoothing
-    if eps:
+    if eps is None:  # traced: applied whatever its value
+        eps = jnp.asarray(label_smoothing, cdt)
+        t = t * (1.0 - eps) + eps / 2.0
+    elif eps:
         t = t * (1.0 - eps) + eps / 2.0
     scale: jax.Array | None = None
     if opts.alpha is not None:
-        a = jnp.asarray(alpha, cdt)
+        a = opts.alpha if isinstance(opts.alpha, float) else jnp.asarray(alpha, cdt)
         scale = a * t + (1.0 - a) * (1.0 - t)
     if weight is not None:
         w = jnp.asarray(weight, cdt)
         scale = w if scale is None else scale * w
     if mask is not None:
         scale = mask.astype(cdt) if scale is None else jnp.where(mask, scale, jnp.zeros_like(scale))
-    t = jax.lax.stop_gradient(t)
     if scale is not None:
-        scale = jax.lax.stop_gradient(jnp.broadcast_to(scale, shape))
-    loss = _kernel(x, t, scale, opts.gamma, opts.gamma_int)
+        scale = jnp.broadcast_to(scale, shape)
+    g = None
+    if opts.gamma is None:  # an array γ, concrete or traced: the general path
+        g = jnp.broadcast_to(jnp.asarray(gamma, cdt), shape)
+        if mask is not None:
+            g = jnp.where(mask, g, jnp.zeros_like(g))
+    pw = None
+    if pos_weight is not None:
+        pw = jnp.broadcast_to(jnp.asarray(pos_weight, cdt), shape)
+        if mask is not None:
+            pw = jnp.where(mask, pw, jnp.ones_like(pw))
+    loss = _kernel(x, t, scale, g, pw, opts.gamma, opts.gamma_int)
     count = logits.size if mask is None else jnp.sum(mask, dtype=cdt)
     out = _distributed.reduce_loss(loss, opts.reduction, count, axis_name)
     return out.astype(logits.dtype)

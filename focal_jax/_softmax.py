@@ -21,23 +21,26 @@ from focal_jax import _common, _distributed
 def _log_parts(others: jax.Array, s: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """log p, log(1-p) and 1-p from ``others`` = S·(1-p), the sum S and z = x - M.
 
-    log(1-p) is -inf where ``others`` is 0 (a single class, or every other class underflowed).
+    log(1-p) is floored at log(tiny) where ``others`` is 0 (a single class, or every other class
+    underflowed): finite, so that γ log(1-p) is exactly 0 at γ = 0 and dℓ/dγ = ℓ log(1-p) is 0 there.
     Where 1-p < 1/2, log p = log1p(-(1-p)) keeps the digits that z - log S would lose.
     """
     has_others = others > 0
     log_s = jnp.log(s)
     omp = others / s
-    log1mp = jnp.where(has_others, jnp.log(jnp.where(has_others, others, 1.0)) - log_s, -jnp.inf)
+    floor = math.log(_common.tiny(s.dtype))
+    log1mp = jnp.where(has_others, jnp.log(jnp.where(has_others, others, 1.0)) - log_s, floor)
     logp = jnp.where(omp < 0.5, jnp.log1p(-omp), z - log_s)
     return logp, log1mp, omp
 
 
-def _modulator_and_kappa(p: jax.Array, logp: jax.Array, log1mp: jax.Array, omp: jax.Array, gamma: float,
-                         gamma_int: int | None) -> tuple[jax.Array | float, jax.Array]:
+def _modulator_and_kappa(p: jax.Array, logp: jax.Array, log1mp: jax.Array, omp: jax.Array,
+                         gamma: float | jax.Array, gamma_int: int | None) -> tuple[jax.Array | float, jax.Array]:
     """m = (1-p)^γ and κ = m (γ p ρ - 1) with ρ = log p / (1-p), so that dℓ/dz_c = -κ_c for ℓ = -m log p.
 
     ρ tends to -1 as p -> 1 and is set to -1 where 1-p underflows to 0. With an integer γ,
-    m ρ = (1-p)^(γ-1) log p needs no division, and log(1-p) is not used at all.
+    m ρ = (1-p)^(γ-1) log p needs no division, and log(1-p) is not used at all. ``gamma`` may be an
+    array broadcasting to ``p`` (one γ per position or per class).
     """
     if gamma_int == 0:
         return 1.0, -jnp.ones_like(logp)
@@ -56,10 +59,10 @@ def _modulator_and_kappa(p: jax.Array, logp: jax.Array, log1mp: jax.Array, omp: 
 # ----------------------------------------------------------------------------------------
 
 
-def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float,
+def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float | jax.Array,
                  gamma_int: int | None) -> tuple[jax.Array, ...]:
     """The other classes' e_k = exp(x_k - M) (0 at k = y), and per position: S = Σ_k exp(x_k - M),
-    Σ_{k≠y} e_k = S (1 - p_y), -m_y log p_y and κ_y.
+    Σ_{k≠y} e_k = S (1 - p_y), -m_y log p_y, κ_y and log(1 - p_y).
 
     ``code`` is the label y at counted positions and -1 elsewhere. 1 - p_y = Σ_{k≠y} e_k / S is a sum
     over the other classes, never a difference, so it stays exact when p_y rounds to 1. Per-position
@@ -82,29 +85,40 @@ def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float,
     s = others + jnp.exp(z_y)
     logp, log1mp, omp = _log_parts(others, s, z_y)
     m, kappa = _modulator_and_kappa(jnp.exp(logp), logp, log1mp, omp, gamma, gamma_int)
-    return e, s, others, -(m * logp), kappa
+    return e, s, others, -(m * logp), kappa, log1mp
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
-def _index_kernel(x: jax.Array, code: jax.Array, wy: jax.Array, axis: int, gamma: float,
-                  gamma_int: int | None) -> jax.Array:
-    """Per-position loss -w_y (1-p_y)^γ log p_y (``wy`` is w[y], 0 where ``code`` is -1)."""
-    return wy * _index_stats(x, code, axis, gamma, gamma_int)[3]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _index_kernel(x: jax.Array, code: jax.Array, wy: jax.Array, gy: jax.Array | None, axis: int,
+                  gamma: float | None, gamma_int: int | None) -> jax.Array:
+    """Per-position loss -w_y (1-p_y)^γ log p_y (``wy`` is w[y], 0 where ``code`` is -1; ``gy`` is γ_y
+    per position for an array γ, None for a number ``gamma``)."""
+    return wy * _index_stats(x, code, axis, gamma if gy is None else gy, gamma_int)[3]
 
 
-@_index_kernel.defjvp
 def _index_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
-    x, code, wy = primals
-    dx = tangents[0]  # labels and weights are constants
-    e, s, others, loss, kappa = _index_stats(x, code, axis, gamma, gamma_int)
-    # dℓ/dx_k = w_y κ_y (δ_ky - p_k): w_y κ_y (1 - p_y) at k = y, -w_y κ_y e_k / S elsewhere (e_y is 0).
-    # e and two numbers per position are all that the backward pass reads. per_e ends in a division,
-    # which XLA computes once per position rather than once per class.
-    per_e = (wy * kappa) / s
-    at_y = jnp.expand_dims(per_e * others, axis)
-    is_y = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(code, axis)
-    d = jnp.sum(jnp.where(is_y, at_y, jnp.zeros_like(at_y)) * dx - e * jnp.expand_dims(per_e, axis) * dx, axis=axis)
+    x, code, wy, gy = primals
+    dx, _, dwy, dgy = tangents  # the labels are integers
+    e, s, others, loss, kappa, log1mp = _index_stats(x, code, axis, gamma if gy is None else gy, gamma_int)
+    terms = []
+    if _common.perturbed(dx):
+        # dℓ/dx_k = w_y κ_y (δ_ky - p_k): w_y κ_y (1 - p_y) at k = y, -w_y κ_y e_k / S elsewhere (e_y is 0).
+        # e and two numbers per position are all that the backward pass reads. per_e ends in a division,
+        # which XLA computes once per position rather than once per class.
+        per_e = (wy * kappa) / s
+        at_y = jnp.expand_dims(per_e * others, axis)
+        is_y = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(code, axis)
+        terms.append(jnp.sum(jnp.where(is_y, at_y, jnp.zeros_like(at_y)) * dx - e * jnp.expand_dims(per_e, axis) * dx,
+                             axis=axis))
+    if _common.perturbed(dwy):
+        terms.append(loss * dwy)  # dℓ/dw_y = -(1-p_y)^γ log p_y
+    if _common.perturbed(dgy):
+        terms.append(wy * loss * log1mp * dgy)  # dℓ/dγ_y = ℓ log(1-p_y)
+    d = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(loss)
     return wy * loss, d
+
+
+_index_kernel.defjvp(_index_kernel_jvp, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -113,8 +127,8 @@ def _index_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
 # ----------------------------------------------------------------------------------------
 
 
-def _dense_stats(x: jax.Array, axis: int, gamma: float, gamma_int: int | None) -> tuple[jax.Array, ...]:
-    """p_c, -m_c log p_c and κ_c for every class."""
+def _dense_stats(x: jax.Array, axis: int, gamma: float | jax.Array, gamma_int: int | None) -> tuple[jax.Array, ...]:
+    """p_c, -m_c log p_c, κ_c, log(1 - p_c) and 1 - p_c for every class."""
     m_x = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf))  # cancels out
     z = x - m_x
     e = jnp.exp(z)
@@ -127,23 +141,37 @@ def _dense_stats(x: jax.Array, axis: int, gamma: float, gamma_int: int | None) -
     logp, log1mp, omp = _log_parts(others, s, z)
     p = e / s
     m, kappa = _modulator_and_kappa(p, logp, log1mp, omp, gamma, gamma_int)
-    return p, -(m * logp), kappa
+    return p, -(m * logp), kappa, log1mp, omp
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _dense_kernel(x: jax.Array, wq: jax.Array, axis: int, gamma: float, gamma_int: int | None) -> jax.Array:
-    """Per-position loss -Σ_c w_c q_c (1-p_c)^γ log p_c (``wq`` is w_c q_c times the mask)."""
-    return jnp.sum(wq * _dense_stats(x, axis, gamma, gamma_int)[1], axis=axis)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _dense_kernel(x: jax.Array, wq: jax.Array, g: jax.Array | None, axis: int, gamma: float | None,
+                  gamma_int: int | None) -> jax.Array:
+    """Per-position loss -Σ_c w_c q_c (1-p_c)^γ_c log p_c (``wq`` is w_c q_c times the mask; ``g`` is an
+    array γ broadcasting to ``x`` along the class axis, None for a number ``gamma``)."""
+    return jnp.sum(wq * _dense_stats(x, axis, gamma if g is None else g, gamma_int)[1], axis=axis)
 
 
-@_dense_kernel.defjvp
 def _dense_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
-    x, wq = primals
-    dx = tangents[0]
-    p, loss, kappa = _dense_stats(x, axis, gamma, gamma_int)
-    a = wq * kappa  # dℓ/dx_k = A_k - p_k Σ_c A_c
-    grad = a - p * jnp.sum(a, axis=axis, keepdims=True)
-    return jnp.sum(wq * loss, axis=axis), jnp.sum(grad * dx, axis=axis)
+    x, wq, g = primals
+    dx, dwq, dg = tangents
+    p, loss, kappa, log1mp, omp = _dense_stats(x, axis, gamma if g is None else g, gamma_int)
+    terms = []
+    if _common.perturbed(dx):
+        # dℓ/dx_k = A_k - p_k Σ_c A_c = A_k (1 - p_k) - p_k Σ_{c≠k} A_c, with 1 - p_k from the sum over the
+        # other classes: exact for one-hot probabilities (Σ_{c≠k} A_c is then 0 or one term), where
+        # A_k - p_k A_k would lose every digit of a p_k close to 1.
+        a = wq * kappa
+        terms.append((a * omp - p * (jnp.sum(a, axis=axis, keepdims=True) - a)) * dx)
+    if _common.perturbed(dwq):
+        terms.append(loss * dwq)  # dℓ/d(w_c q_c) = -(1-p_c)^γ_c log p_c
+    if _common.perturbed(dg):
+        terms.append(wq * loss * log1mp * dg)  # dℓ/dγ_c = w_c q_c ℓ_c log(1-p_c)
+    d = jnp.sum(functools.reduce(jnp.add, terms), axis=axis) if terms else jnp.zeros_like(loss.sum(axis))
+    return jnp.sum(wq * loss, axis=axis), d
+
+
+_dense_kernel.defjvp(_dense_kernel_jvp, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -155,10 +183,10 @@ def softmax_focal_loss(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
     *,
-    gamma: float = focal_spec.GAMMA,
+    gamma: jax.typing.ArrayLike = focal_spec.GAMMA,
     weight: jax.typing.ArrayLike | None = None,
     ignore_index: int = focal_spec.IGNORE_INDEX,
-    label_smoothing: float = focal_spec.LABEL_SMOOTHING,
+    label_smoothing: jax.typing.ArrayLike = focal_spec.LABEL_SMOOTHING,
     where: jax.typing.ArrayLike | None = None,
     axis: int = focal_spec.JAX_CLASS_AXIS,
     reduction: str = focal_spec.REDUCTION,
@@ -170,26 +198,48 @@ def softmax_focal_loss(
     distribution:
 
     .. math::
-        \ell_i = -\sum_c w_c \, q_c \, (1-p_c)^γ \log p_c, \quad
+        \ell_i = -\sum_c w_c \, q_c \, (1-p_c)^{γ_c} \log p_c, \quad
         q = (1-ε)\,\mathrm{onehot}(y) + ε/C \ \text{(or } q(1-ε) + ε/C \text{ for probabilities)}.
 
-    With integer labels and ε = 0 this is :math:`-w_y (1-p_y)^γ \log p_y`, computed from a gather
-    of the labelled logit. :math:`1-p_c` is a sum over the other classes divided by the softmax
-    denominator, so the loss and its gradient stay finite and accurate when one class dominates.
-    With ``gamma=0`` this is the softmax cross-entropy (``F.cross_entropy``), in value and
-    gradient. The gradient with respect to ``logits`` has a closed form (a ``jax.custom_jvp``);
-    ``labels`` and ``weight`` are constants (their gradients are zero).
+    With integer labels and ε = 0 this is :math:`-w_y (1-p_y)^{γ_y} \log p_y`, computed from a
+    gather of the labelled logit. :math:`1-p_c` is a sum over the other classes divided by the
+    softmax denominator, so the loss and its gradient stay finite and accurate when one class
+    dominates. With ``gamma=0`` this is the softmax cross-entropy (``F.cross_entropy``), in value
+    and gradient.
+
+    Gradients flow to every floating input: ``logits``, probability ``labels``, ``weight``,
+    ``gamma`` and ``label_smoothing``, from closed forms in a ``jax.custom_jvp``
+    (dℓ/dγ_c = w_c q_c (1-p_c)^{γ_c} (-log p_c) log(1-p_c), dℓ/d(w_c q_c)) and plain autodiff
+    of the per-class factors, so ``jax.grad``, ``jax.jvp``, ``jax.vmap``, ``jax.hessian``,
+    ``jax.checkpoint`` and ``lax.scan`` all apply. Only the derivatives that a transform asks for
+    are computed.
+
+    ``gamma`` and ``label_smoothing`` may be Python numbers, concrete arrays (JAX or NumPy) or
+    traced arrays (arguments of a ``jit``-ed function, ``vmap``-ed, differentiated). Concrete
+    values are range-checked (a concrete JAX array is read back to the host for it); traced ones
+    are checked by shape only, and a traced value out of range gives a meaningless loss rather
+    than an error. A whole-number ``gamma`` known when the loss is traced (a number, or a concrete
+    0-d array) up to 8 uses multiplications only; an array or traced ``gamma`` takes the general
+    path ``exp(γ log(1-p))``, with ``log(1-p)`` floored at the log of the smallest normal number:
+    finite values, gradients and Hessians, the exact cross-entropy gradient at γ = 0, and a finite
+    dℓ/dγ. A traced ``label_smoothing`` always takes the dense path (every class enters the loss).
+    ``ignore_index`` and ``axis`` are static Python integers: they decide, by integer comparison
+    and by layout, which positions are counted, which the caller fixes for a model.
 
     Args:
-      logits: floating array with the classes on ``axis`` (``C = logits.shape[axis]``, C >= 1).
-        Half precision is computed in float32 and the result returned in the logits' dtype.
-      labels: integer class indices of the logits' shape without the class axis, or floating
-        class probabilities of the logits' shape.
-      gamma: focusing parameter γ >= 0, a Python number (static). Whole numbers up to 8 use
-        multiplications only.
+      logits: floating array with the classes on ``axis`` (``C = logits.shape[axis]``), or
+        anything ``jnp.asarray`` accepts. Half precision is computed in float32 and the result
+        returned in the logits' dtype. C = 0 is allowed: a loss over no counted position is 0.
+      labels: integer class indices of the logits' shape without the class axis (any integer
+        dtype: int8, uint8, int16, int32, int64...), or floating class probabilities of the
+        logits' shape.
+      gamma: focusing parameter γ >= 0: a number, or one γ per class, shape ``(C,)`` (γ_c on
+        class c's modulator).
       weight: optional per-class weights of shape ``(C,)``.
-      ignore_index: integer labels equal to it contribute 0 and are not counted.
-      label_smoothing: ε in [0, 1], applied as in ``F.cross_entropy``.
+      ignore_index: integer labels equal to it contribute 0 and are not counted. It is compared
+        without wrapping: a uint8 label 156 is class 156, never -100, and an ``ignore_index`` that
+        the labels' dtype cannot hold matches nothing.
+      label_smoothing: ε in [0, 1] (0-d), applied as in ``F.cross_entropy``.
       where: optional boolean array broadcasting to the logits' shape without the class axis.
         Positions where it is False (or ignored) contribute 0, are not counted, and get an exactly
         zero gradient, whatever their logits and labels hold.
@@ -202,16 +252,19 @@ def softmax_focal_loss(
     Returns:
       ``"none"``: the per-position loss, of the logits' shape without the class axis.
       ``"sum"``: a scalar. ``"mean"``: a scalar; for integer labels the sum divided by
-      Σ w[y_i] over counted positions (``F.cross_entropy``'s weighted mean), for probabilities
-      divided by the number of counted positions; 0 when nothing is counted. In the logits' dtype.
-      An integer label outside [0, C) that is not ``ignore_index`` cannot raise under ``jit``: it
-      makes that position's loss NaN (and so the mean and the sum).
+      Σ w[y_i] over counted positions (``F.cross_entropy``'s weighted mean, whatever the sign of
+      the weights), for probabilities divided by the number of counted positions; 0 when that
+      denominator is exactly 0. In the logits' dtype. An integer label outside [0, C) that is not
+      ``ignore_index`` cannot raise under ``jit``: it makes that position's loss NaN (and so the
+      mean and the sum).
 
     Raises:
       TypeError: non-floating logits, floating labels of the positions' shape, labels that are
-        neither integer nor floating, or a traced option.
-      ValueError: an option out of range, an unknown reduction, a class axis out of range, or a
-        shape of ``labels``, ``weight`` or ``where`` that does not fit the logits.
+        neither integer nor floating, a ``where`` that is not boolean, or an option of the wrong
+        type (``gamma=None``, a string).
+      ValueError: a concrete option out of range, an unknown reduction, a class axis out of
+        range, or a shape of ``labels``, ``gamma``, ``weight`` or ``where`` that does not fit the
+        logits.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -231,9 +284,10 @@ def softmax_focal_loss(
     logits = _common.as_array(logits)
     labels = _common.as_array(labels)
     opts = focal_spec.softmax_options(
-        logits.shape, logits.dtype, labels.shape, labels.dtype, gamma=gamma,
-        weight_shape=_common.shape_of(weight), ignore_index=ignore_index, label_smoothing=label_smoothing,
-        where_shape=_common.shape_of(where), axis=axis, reduction=reduction,
+        logits.shape, logits.dtype, labels.shape, labels.dtype, gamma=_common.host_value(gamma),
+        weight_shape=_common.shape_of(weight), ignore_index=ignore_index,
+        label_smoothing=_common.host_value(label_smoothing), where_shape=_common.shape_of(where), axis=axis,
+        reduction=reduction, where_dtype=_common.dtype_of(where),
     )
     cdt = _common.compute_dtype(logits.dtype)
     ax, c = opts.axis, opts.num_classes
@@ -241,24 +295,28 @@ def softmax_focal_loss(
     x = logits.astype(cdt)
     w = None if weight is None else jnp.asarray(weight, cdt)
     valid = None if where is None else jnp.broadcast_to(jnp.asarray(where, bool), positions)
+    g = None if opts.gamma is not None else jnp.asarray(gamma, cdt)  # an array γ: () or (C,)
     eps = opts.label_smoothing
+    if eps is None:  # traced: applied whatever its value
+        eps = jnp.asarray(label_smoothing, cdt)
+    smoothing = not isinstance(eps, float) or eps != 0
+    if c == 0:
+        return _no_classes(x, labels, opts, valid, axis_name, logits.dtype)
     if opts.label_kind == "index":
-        y = labels
-        counted = y != opts.ignore_index
+        counted, in_range = _common.label_masks(labels, opts.ignore_index, c)
         valid = counted if valid is None else valid & counted
-        # One unsigned comparison tests 0 <= y < C. A label outside that range (and not ignore_index)
-        # cannot raise under jit: its position's loss becomes NaN.
-        unsigned = jnp.dtype(f"uint{8 * y.dtype.itemsize}") if jnp.issubdtype(y.dtype, jnp.signedinteger) else y.dtype
-        in_range = y.astype(unsigned) < c
+        # A label outside [0, C) (and not ignore_index) cannot raise under jit: its position's loss
+        # becomes NaN.
         bad = valid & ~in_range
-        code = jnp.where(valid & in_range, y, -1).astype(jnp.int32)  # the class, -1 where not counted
+        code = jnp.where(valid & in_range, labels.astype(jnp.int32), -1)  # the class, -1 where not counted
         ys = jnp.maximum(code, 0)
         wy = valid.astype(cdt) if w is None else jnp.where(valid, w[ys], jnp.zeros((), cdt))
         wy = jnp.where(bad, jnp.full((), jnp.nan, cdt), wy)
         # Σ w[y] over counted positions; a bad label's NaN reaches the mean through its loss
         count = jnp.sum(valid, dtype=jnp.int32) if w is None else jnp.sum(wy)
-        if eps == 0:
-            loss = _index_kernel(x, code, jax.lax.stop_gradient(wy), ax, opts.gamma, opts.gamma_int)
+        if not smoothing:
+            gy = None if g is None else (g if g.ndim == 0 else g[ys])
+            loss = _index_kernel(x, code, wy, gy, ax, opts.gamma, opts.gamma_int)
             return _distributed.reduce_loss(loss, opts.reduction, count, axis_name).astype(logits.dtype)
         x = jnp.where(jnp.expand_dims(valid, ax), x, jnp.zeros_like(x))  # masked garbage never reaches the math
         classes = jax.lax.broadcasted_iota(ys.dtype, x.shape, ax)
@@ -266,7 +324,7 @@ def softmax_focal_loss(
         scale = jnp.expand_dims(jnp.where(bad, jnp.full((), jnp.nan, cdt), valid.astype(cdt)), ax)
     else:
         q = labels.astype(cdt)
-        if eps:
+        if smoothing:
             q = q * (1.0 - eps) + eps / c
         if valid is None:
             count = math.prod(positions)
@@ -276,9 +334,27 @@ def softmax_focal_loss(
             x = jnp.where(jnp.expand_dims(valid, ax), x, jnp.zeros_like(x))
             scale = jnp.expand_dims(valid.astype(cdt), ax)
     wq = q
+    per_class = (c,) + (1,) * (x.ndim - 1 - ax)
     if w is not None:
-        wq = wq * w.reshape((c,) + (1,) * (x.ndim - 1 - ax))
+        wq = wq * w.reshape(per_class)
     if scale is not None:
         wq = jnp.where(scale != 0, wq * scale, jnp.zeros_like(wq))  # also drops garbage probabilities
-    loss = _dense_kernel(x, jax.lax.stop_gradient(wq), ax, opts.gamma, opts.gamma_int)
+    if g is not None and g.ndim:
+        g = g.reshape(per_class)
+    loss = _dense_kernel(x, wq, g, ax, opts.gamma, opts.gamma_int)
     return _distributed.reduce_loss(loss, opts.reduction, count, axis_name).astype(logits.dtype)
+
+
+def _no_classes(x: jax.Array, labels: jax.Array, opts: focal_spec.SoftmaxOptions, valid: jax.Array | None,
+                axis_name: Hashable | None, dtype: jnp.dtype) -> jax.Array:
+    """C = 0: no class to predict. Every position's loss is 0, but an integer label at a counted position
+    is out of range (NaN). Gradients are zeros of the logits' (empty) shape."""
+    ax = opts.axis
+    loss = jnp.sum(x, axis=ax)  # zeros of the positions' shape, differentiable wrt x
+    if opts.label_kind == "index":
+        counted, _ = _common.label_masks(labels, opts.ignore_index, 0)
+        valid = counted if valid is None else valid & counted
+    count = math.prod(loss.shape) if valid is None else jnp.sum(valid, dtype=x.dtype)
+    if opts.label_kind == "index":
+        loss = jnp.where(valid, jnp.full((), jnp.nan, x.dtype), loss)
+    return _distributed.reduce_loss(loss, opts.reduction, count, axis_name).astype(dtype)

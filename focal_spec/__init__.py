@@ -32,6 +32,7 @@ in float32 and returned in their own dtype.
 
 from focal_spec import _options as options
 from focal_spec import _reference as reference
+from focal_spec import _variants as variants
 from focal_spec._options import (
     ALPHA,
     FLOAT_DTYPES,
@@ -49,28 +50,38 @@ from focal_spec._validate import (
     OriginalOptions,
     SigmoidOptions,
     SoftmaxOptions,
+    Unknown,
+    check_alpha,
     check_gamma,
+    check_label_smoothing,
     check_original_call,
     check_reduction,
+    check_where_dtype,
     compute_dtype,
     dtype_kind,
     dtype_name,
     integer_gamma,
+    invalid_device,
     invalid_dtype,
     invalid_shape,
+    invalid_type,
     invalid_value,
     label_out_of_range,
     original_logits_false_weights,
     original_options,
     sigmoid_options,
     softmax_options,
+    targets_out_of_range,
 )
+from focal_spec._variants import FLSD_53, FamilyOptions, GammaSchedule, class_balanced_weights, family_options
 
 __all__ = [
+    "FLSD_53", "FamilyOptions", "GammaSchedule", "class_balanced_weights", "family_options", "variants",
     "ALPHA", "FLOAT_DTYPES", "GAMMA", "HALF_DTYPES", "IGNORE_INDEX", "JAX_CLASS_AXIS", "LABEL_SMOOTHING",
     "ORIGINAL_CLASS_AXIS", "REDUCTION", "REDUCTIONS", "TORCH_CLASS_DIM", "OriginalOptions", "SigmoidOptions",
-    "SoftmaxOptions", "check_gamma", "check_original_call", "check_reduction", "compute_dtype", "dtype_kind",
-    "dtype_name", "integer_gamma", "invalid_dtype", "invalid_shape", "invalid_value", "label_out_of_range",
-    "options", "original_logits_false_weights", "original_options", "reference", "sigmoid_options",
-    "softmax_options",
+    "SoftmaxOptions", "Unknown", "check_alpha", "check_gamma", "check_label_smoothing", "check_original_call",
+    "check_reduction", "check_where_dtype", "compute_dtype", "dtype_kind", "dtype_name", "integer_gamma",
+    "invalid_device", "invalid_dtype", "invalid_shape", "invalid_type", "invalid_value", "label_out_of_range",
+    "options", "original_logits_false_weights", "original_options", "reference", "sigmoid_options", "softmax_options",
+    "targets_out_of_range",
 ]

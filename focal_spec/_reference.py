@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from focal_spec import _options
+from focal_spec import _options, _variants
 from focal_spec import _validate as V
 
 _LN2 = float(np.log(2.0))
+_NO_IGNORE = -(2**62)  # an ignore_index no label can hold (the original modules ignore nothing)
 
 
 def _f64(a: Any) -> np.ndarray:
@@ -38,32 +39,63 @@ def _log_sigmoid(x: np.ndarray) -> np.ndarray:
     return -np.logaddexp(0.0, -x)
 
 
+def _modulator(gamma: Any, log_q: np.ndarray) -> np.ndarray:
+    """(1-p)^γ = exp(γ log(1-p)), exactly 1 wherever γ = 0 (also where 1-p = 0: no 0^0 NaN)."""
+    g = np.broadcast_to(_f64(gamma), log_q.shape)
+    with np.errstate(invalid="ignore"):
+        return np.where(g == 0, 1.0, np.exp(g * log_q))
+
+
 def sigmoid_focal_loss(
-    logits: Any, targets: Any, *, gamma: float = _options.GAMMA, alpha: Any = None, weight: Any = None,
+    logits: Any, targets: Any, *, gamma: Any = _options.GAMMA, alpha: Any = None, weight: Any = None,
     label_smoothing: float = _options.LABEL_SMOOTHING, where: Any = None, reduction: str = _options.REDUCTION,
+    pos_weight: Any = None, poly1: float = 0.0, normalized: bool = False, reduced_threshold: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sigmoid focal loss in float64.
 
     .. math::
-        t' = t(1-ε) + ε/2, \\quad ce = -t' \\log σ(x) - (1-t') \\log σ(-x), \\quad
+        t' = t(1-ε) + ε/2, \\quad ce = -π t' \\log σ(x) - (1-t') \\log σ(-x), \\quad
         1-p_t = t' σ(-x) + (1-t') σ(x), \\quad
-        \\ell = α_t \\, w \\, (1-p_t)^γ \\, ce.
+        \\ell = α_t \\, w \\, [(1-p_t)^γ \\, ce + ε_1 (1-p_t)^{γ+1}],
+
+    with π = ``pos_weight`` (1 when None), as in ``F.binary_cross_entropy_with_logits``, and ε₁ =
+    ``poly1``. ``gamma`` is a number, an array broadcasting to the logits, or a
+    :class:`focal_spec.GammaSchedule` (γ from the detached p_t). ``reduced_threshold`` and ``normalized``
+    are the variants of :mod:`focal_spec._variants`. Targets outside [0, 1] at counted elements raise
+    ``ValueError``.
     """
+    schedule = gamma if isinstance(gamma, _variants.GammaSchedule) else None
+    eps1 = _variants.check_poly1(poly1)
+    normalized = _variants.check_normalized(normalized)
+    th = _variants.check_reduced_threshold(reduced_threshold)
     x = _f64(logits)
     o = V.sigmoid_options(x.shape, np.asarray(logits).dtype, np.shape(targets), np.asarray(targets).dtype,
-                          gamma=gamma, alpha=alpha, weight_shape=None if weight is None else np.shape(weight),
+                          gamma=0.0 if schedule else gamma, alpha=alpha,
+                          weight_shape=None if weight is None else np.shape(weight),
                           label_smoothing=label_smoothing, where_shape=None if where is None else np.shape(where),
-                          reduction=reduction)
+                          where_dtype="bool" if where is None else np.asarray(where).dtype, reduction=reduction,
+                          pos_weight_shape=None if pos_weight is None else np.shape(pos_weight))
     mask = np.ones(x.shape, bool) if where is None else np.broadcast_to(np.asarray(where, bool), x.shape)
     x = np.where(mask, x, 0.0)  # masked positions may hold NaN or inf: never let them into the math
     t = np.where(mask, np.broadcast_to(_f64(targets), x.shape), 0.0)
+    out_of_range = ~((t >= 0) & (t <= 1))
+    if out_of_range.any():
+        raise ValueError(V.targets_out_of_range(t[out_of_range].ravel()[0]))
     eps = o.label_smoothing
     tp = t * (1.0 - eps) + eps / 2.0
+    pw = 1.0 if pos_weight is None else np.broadcast_to(_f64(pos_weight), x.shape)
     lp, ln = _log_sigmoid(x), _log_sigmoid(-x)  # log σ(x), log σ(-x)
-    ce = -(tp * lp + (1.0 - tp) * ln)
+    ce = -(pw * tp * lp + (1.0 - tp) * ln)
     with np.errstate(divide="ignore"):
         log_q = np.logaddexp(np.log(tp) + ln, np.log1p(-tp) + lp)  # log(1 - p_t)
-    m = np.exp(o.gamma * log_q) if o.gamma > 0 else np.ones_like(x)
+    p_t = -np.expm1(log_q)
+    g = schedule.gamma_of(p_t) if schedule else np.broadcast_to(_f64(gamma), x.shape)
+    m = _modulator(g, log_q)
+    dm_on = np.ones_like(x)  # where the modulator depends on x (not where a reduced threshold sets it to 1)
+    if th is not None:
+        below = p_t < th
+        m = np.where(below, 1.0, _modulator(g, log_q - np.log(th)))
+        dm_on = np.where(below, 0.0, 1.0)
     if o.alpha is None:
         at = np.ones_like(x)
     else:
@@ -71,11 +103,25 @@ def sigmoid_focal_loss(
         at = a * tp + (1.0 - a) * (1.0 - tp)
     w = np.ones_like(x) if weight is None else np.broadcast_to(_f64(weight), x.shape)
     scale = np.where(mask, at * w, 0.0)
-    loss = scale * m * ce
     # d(1-p_t)/dx = (1-2t') σ(x) σ(-x); the modulator's derivative is γ m (1-2t') r with
     # r = σ(x)σ(-x)/(1-p_t), written in log space so that it is finite everywhere.
+    # dce/dx = (1-t')σ(x) - π t' σ(-x)
     r = np.exp(lp + ln - log_q)
-    grad = scale * (o.gamma * m * (1.0 - 2.0 * tp) * r * ce + m * (np.exp(lp) - tp))
+    dce = (1.0 - tp) * np.exp(lp) - pw * tp * np.exp(ln)
+    dm = dm_on * g * m * (1.0 - 2.0 * tp) * r
+    loss = scale * m * ce
+    grad = scale * (dm * ce + m * dce)
+    if eps1:  # ε₁ (1-p_t)^(γ+1), derivative ε₁ (γ+1) (1-p_t)^γ (1-2t') σ(x)σ(-x)
+        loss = loss + scale * eps1 * np.exp((g + 1.0) * log_q)
+        grad = grad + scale * eps1 * (g + 1.0) * np.exp(g * log_q + lp + ln) * (1.0 - 2.0 * tp)
+    if normalized:  # ℓ / Σ m over counted elements; the gradient of Σℓ/Σm includes Σm's own
+        z = float(np.where(mask, m, 0.0).sum())
+        total = float(loss.sum())
+        dz = np.where(mask, dm, 0.0)
+        grad = (grad * z - total * dz) / z**2 if z else np.zeros_like(grad)
+        loss = loss / z if z else np.zeros_like(loss)
+        if o.reduction == "none":  # the gradient of sum(value) is that of Σℓ/Σm
+            return loss, grad
     return _reduce(loss, grad, o.reduction, float(mask.sum()))
 
 
@@ -95,9 +141,10 @@ def _softmax_parts(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def softmax_focal_loss(
-    logits: Any, labels: Any, *, gamma: float = _options.GAMMA, weight: Any = None,
+    logits: Any, labels: Any, *, gamma: Any = _options.GAMMA, weight: Any = None,
     ignore_index: int = _options.IGNORE_INDEX, label_smoothing: float = _options.LABEL_SMOOTHING,
     where: Any = None, axis: int = _options.JAX_CLASS_AXIS, reduction: str = _options.REDUCTION,
+    poly1: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax focal loss in float64.
 
@@ -105,15 +152,19 @@ def softmax_focal_loss(
         \\ell_i = -\\sum_c w_c \\, q_c \\, (1-p_c)^γ \\log p_c, \\quad
         q = (1-ε)\\,\\mathrm{onehot}(y) + ε/C \\ \\text{(or smoothed probabilities)}.
 
-    ``mean`` divides by ``Σ w[y_i]`` over counted positions for class indices, and by the
-    number of counted positions for probabilities.
+    ``mean`` divides by ``Σ w[y_i]`` over counted positions for class indices (as
+    ``F.cross_entropy``, whatever its sign), and by the number of counted positions for
+    probabilities; a zero denominator gives 0. ``gamma`` is a number or one value per class (C,).
+    ``poly1`` = ε₁ adds ε₁ Σ_c w_c q_c (1-p_c)^(γ_c+1) (Poly-1).
     """
+    eps1 = _variants.check_poly1(poly1)
     x = _f64(logits)
     labels_np = np.asarray(labels)
     o = V.softmax_options(x.shape, np.asarray(logits).dtype, labels_np.shape, labels_np.dtype, gamma=gamma,
                           weight_shape=None if weight is None else np.shape(weight), ignore_index=ignore_index,
                           label_smoothing=label_smoothing, where_shape=None if where is None else np.shape(where),
-                          axis=axis, reduction=reduction)
+                          where_dtype="bool" if where is None else np.asarray(where).dtype, axis=axis,
+                          reduction=reduction)
     c = o.num_classes
     xm = np.moveaxis(x, o.axis, -1)
     positions = xm.shape[:-1]
@@ -127,22 +178,26 @@ def softmax_focal_loss(
         if bad.any():
             raise ValueError(V.label_out_of_range(int(y[bad].ravel()[0]), c, o.ignore_index))
         ys = np.where(valid, y, 0)
-        q = (1.0 - eps) * np.eye(c)[ys] + eps / c
+        q = (1.0 - eps) * np.eye(c)[ys] + (eps / c if c else 0.0)
         denom = float(np.where(valid, w[ys], 0.0).sum())
     else:
-        q = np.moveaxis(_f64(labels), o.axis, -1) * (1.0 - eps) + eps / c
+        q = np.moveaxis(_f64(labels), o.axis, -1) * (1.0 - eps) + (eps / c if c else 0.0)
         denom = float(valid.sum())
     xm = np.where(valid[..., None], xm, 0.0)
     q = np.where(valid[..., None], q, 0.0)
-    logp, log1mp, p = _softmax_parts(xm, -1)
-    m = np.exp(o.gamma * log1mp) if o.gamma > 0 else np.ones_like(xm)
+    logp, log1mp, p = _softmax_parts(xm, -1) if c > 0 else (xm, xm, xm)
+    g = np.broadcast_to(_f64(gamma), xm.shape)
+    m = _modulator(g, log1mp)
     wq = w * q
     loss = -(wq * m * logp).sum(-1)
     # dℓ/dx_k = A_k - p_k Σ_c A_c with A_c = w_c q_c κ_c and κ_c = m_c (γ p_c log p_c / (1-p_c) - 1).
     with np.errstate(divide="ignore", invalid="ignore"):
         rho = np.where(log1mp > -np.inf, logp / np.exp(log1mp), -1.0)
-    kappa = m * (o.gamma * p * rho - 1.0)
+    kappa = m * (g * p * rho - 1.0)
     a_c = wq * kappa
+    if eps1:  # d(1-p_c)^(γ+1)/dx_k = -(γ+1)(1-p_c)^γ p_c (δ_ck - p_k)
+        loss = loss + eps1 * (wq * np.exp((g + 1.0) * log1mp)).sum(-1)
+        a_c = a_c - eps1 * wq * (g + 1.0) * m * p
     grad = a_c - p * a_c.sum(-1, keepdims=True)
     value, grad = _reduce(loss, grad, o.reduction, denom)
     return value, np.moveaxis(grad, -1, o.axis)
@@ -174,6 +229,11 @@ def original_focal_loss(
     w_shape = [1] * x.ndim
     w_shape[ax] = c
     w = np.ones(c) if opts.weights is None else np.asarray(opts.weights)
+    if kind == "index":  # the original modules have no ignore_index: every index must be a class
+        y = teacher_np.astype(np.int64)
+        bad = (y < 0) | (y >= c)
+        if bad.any():
+            raise ValueError(V.label_out_of_range(int(y[bad].ravel()[0]), c, None))
     if opts.logits:
         if kind == "index":
             t = np.moveaxis(np.eye(c)[teacher_np.astype(np.int64)], -1, ax)
@@ -191,6 +251,7 @@ def original_focal_loss(
         grad = wc * (dm * ce + m) * dce / x.size
         return np.asarray(loss.mean()), grad
     y = teacher_np.astype(np.int64) if kind == "index" else np.argmax(teacher_np, axis=ax)
-    value, grad = softmax_focal_loss(x, y, gamma=opts.gamma, weight=w, axis=ax, reduction="sum")
+    value, grad = softmax_focal_loss(x, y, gamma=opts.gamma, weight=w, axis=ax, reduction="sum",
+                                     ignore_index=_NO_IGNORE)
     n = y.size
     return value / n, grad / n

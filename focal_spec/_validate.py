@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,13 +37,27 @@ def invalid_shape(arg: str, expected: str, received: tuple[int, ...], logits_sha
     )
 
 
-def label_out_of_range(value: int, num_classes: int, ignore_index: int) -> str:
-    """Message for a class index outside ``[0, num_classes)`` that is not ``ignore_index``."""
-    return invalid_value(
-        "labels",
-        f"class indices in [0, {num_classes}) or ignore_index={ignore_index}",
-        int(value),
-    )
+def invalid_type(arg: str, expected: str, received: Any) -> str:
+    return f"Invalid type for argument `{arg}`. Expected {expected}. Received: {arg} of type {type(received).__name__}"
+
+
+def invalid_device(arg: str, expected: Any, received: Any) -> str:
+    return (f"Invalid device for argument `{arg}`. Expected the logits' device ({expected}). "
+            f"Received: {arg}.device={received}")
+
+
+def targets_out_of_range(value: float) -> str:
+    """Message for a sigmoid target outside [0, 1] (a void value such as 255 in a uint8 mask)."""
+    return invalid_value("targets", "values in [0, 1] (mask void elements with `where=`)", float(value))
+
+
+def label_out_of_range(value: int, num_classes: int, ignore_index: int | None) -> str:
+    """Message for a class index outside ``[0, num_classes)`` that is not ``ignore_index`` (None: the loss
+    has no ignore_index, as the original ``ClassificationFocalLoss``)."""
+    allowed = f"class indices in [0, {num_classes})"
+    if ignore_index is not None:
+        allowed += f" or ignore_index={ignore_index}"
+    return invalid_value("labels", allowed, int(value))
 
 
 def original_logits_false_weights() -> str:
@@ -102,27 +116,72 @@ def check_logits_dtype(dtype: Any) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def _as_float(arg: str, value: Any, expected: str) -> float:
-    if isinstance(value, (bool, np.bool_, str, bytes)):
+class Unknown(NamedTuple):
+    """An array argument known by its shape only: traced (``jax.jit``, ``torch.compile``, ``vmap``) or on a
+    device where reading it would cost a sync. Validation checks its shape and skips its values."""
+
+    shape: tuple[int, ...]
+
+
+def _reject_non_numeric(arg: str, value: Any, expected: str) -> None:
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
         raise TypeError(invalid_value(arg, expected, value))
+
+
+def _as_float(arg: str, value: Any, expected: str) -> float:
+    _reject_non_numeric(arg, value, expected)
     try:
         return float(value)
-    except Exception:  # a traced value, a tensor with many elements, a string...
-        raise TypeError(
-            invalid_value(arg, expected + " known when the loss is built (not a traced array)", value)
-        ) from None
+    except Exception:  # a many-element array, an object...
+        raise TypeError(invalid_value(arg, expected, value)) from None
 
 
-def check_gamma(gamma: Any) -> float:
-    expected = "a finite number >= 0"
-    g = _as_float("gamma", gamma, expected)
-    if not math.isfinite(g) or g < 0:
-        raise ValueError(invalid_value("gamma", expected, gamma))
-    return g
+def _host_array(arg: str, value: Any, expected: str) -> np.ndarray:
+    """A NumPy array of a host value (number, NumPy array, nested sequence) in its own numeric dtype, or
+    TypeError. Comparisons are exact in it; messages show its values as that dtype prints them."""
+    _reject_non_numeric(arg, value, expected)
+    try:
+        arr = np.asarray(value)
+        arr.astype(np.float64)
+    except Exception:
+        raise TypeError(invalid_value(arg, expected, value)) from None
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(invalid_value(arg, expected, value))
+    return arr
 
 
-def integer_gamma(gamma: float, largest: int = 8) -> int | None:
+def _first_bad(arr: np.ndarray, ok: np.ndarray) -> float:
+    """The first value that fails ``ok``, as its own dtype prints it (float32 1.2 is 1.2, not 1.2000000476...)."""
+    v = arr[~ok].ravel()[0]
+    return float(str(v)) if isinstance(v, np.floating) else float(v)
+
+
+GAMMA_EXPECTED = "a finite number >= 0, or an array of them"
+
+
+def check_gamma(gamma: Any) -> float | np.ndarray | Unknown:
+    """γ as a float (one known number), a float64 array (known values), or ``Unknown`` (shape only).
+
+    Known values must be finite and >= 0. A 0-d array becomes a float.
+    """
+    if isinstance(gamma, Unknown):
+        return gamma
+    if isinstance(gamma, numbers.Real) and not isinstance(gamma, (bool, np.bool_)):
+        g = float(gamma)
+        if not math.isfinite(g) or g < 0:
+            raise ValueError(invalid_value("gamma", GAMMA_EXPECTED, gamma))
+        return g
+    arr = _host_array("gamma", gamma, GAMMA_EXPECTED)
+    ok = np.isfinite(arr) & (arr >= 0)
+    if not ok.all():
+        raise ValueError(invalid_value("gamma", GAMMA_EXPECTED, _first_bad(arr, ok)))
+    return float(arr) if arr.ndim == 0 else arr
+
+
+def integer_gamma(gamma: float | None, largest: int = 8) -> int | None:
     """``int(gamma)`` when γ is a small whole number (a multiply-only fast path), else None."""
+    if gamma is None:
+        return None
     if gamma == int(gamma) and 0 <= gamma <= largest:
         return int(gamma)
     return None
@@ -136,7 +195,16 @@ def check_unit_interval(arg: str, value: Any) -> float:
     return v
 
 
-def check_label_smoothing(label_smoothing: Any) -> float:
+def check_label_smoothing(label_smoothing: Any) -> float | None:
+    """ε as a float, or None when it is ``Unknown`` (traced): then it must be 0-d and is not range-checked."""
+    if isinstance(label_smoothing, Unknown):
+        if tuple(label_smoothing.shape) != ():
+            raise ValueError(invalid_value("label_smoothing", "a number in [0, 1] (0-d)",
+                                           f"array of shape {tuple(label_smoothing.shape)}"))
+        return None
+    if isinstance(label_smoothing, np.ndarray) and label_smoothing.ndim != 0:
+        raise ValueError(invalid_value("label_smoothing", "a number in [0, 1] (0-d)",
+                                       f"array of shape {label_smoothing.shape}"))
     return check_unit_interval("label_smoothing", label_smoothing)
 
 
@@ -165,24 +233,38 @@ def is_scalar(value: Any) -> bool:
     return isinstance(value, numbers.Real) or (isinstance(value, np.ndarray) and value.ndim == 0)
 
 
+ALPHA_EXPECTED = "None, a number in [0, 1], or an array of them"
+
+
 def check_alpha(alpha: Any, logits_shape: tuple[int, ...]) -> float | None | str:
     """Returns None (off), a float in [0, 1], or ``"array"`` for an array that broadcasts to the logits.
 
-    Array values are range-checked when they are NumPy data (on the host); device arrays
-    are checked for shape only, so that the check never syncs a device.
+    Host values (numbers, NumPy arrays, sequences) are range-checked; backends pass a CPU tensor or a
+    concrete JAX array as NumPy data, and a traced or device array as ``Unknown`` (shape only), so
+    that the check never syncs a device.
     """
     if alpha is None:
         return None
-    if is_scalar(alpha):
+    if isinstance(alpha, Unknown):
+        check_broadcast("alpha", alpha.shape, logits_shape)
+        return "array"
+    if isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, np.bool_)):
         return check_unit_interval("alpha", alpha)
-    shape = tuple(np.shape(alpha)) if not hasattr(alpha, "shape") else tuple(alpha.shape)
-    check_broadcast("alpha", shape, logits_shape)
-    if isinstance(alpha, (np.ndarray, list, tuple)):
-        a = np.asarray(alpha, dtype=np.float64)
-        if not np.all((a >= 0) & (a <= 1)):
-            bad = a[~((a >= 0) & (a <= 1))].ravel()[0]
-            raise ValueError(invalid_value("alpha", "values in [0, 1]", float(bad)))
+    arr = _host_array("alpha", alpha, ALPHA_EXPECTED)
+    ok = (arr >= 0) & (arr <= 1)
+    if not ok.all():
+        raise ValueError(invalid_value("alpha", "values in [0, 1]", _first_bad(arr, ok)))
+    if arr.ndim == 0:
+        return float(arr)
+    check_broadcast("alpha", arr.shape, logits_shape)
     return "array"
+
+
+def check_where_dtype(dtype: Any) -> None:
+    """``where`` is a boolean mask, as optax's and torch's masks are (0.3 is not silently True)."""
+    name = dtype_name(dtype)
+    if name != "bool":
+        raise TypeError(invalid_dtype("where", "bool (a boolean mask)", name))
 
 
 # ----------------------------------------------------------------------------------------
@@ -219,61 +301,89 @@ def check_class_weight(arg: str, shape: tuple[int, ...], num_classes: int, logit
 # ----------------------------------------------------------------------------------------
 
 
+def _gamma_fields(g: float | np.ndarray | Unknown) -> tuple[float | None, int | None, tuple[int, ...] | None]:
+    """(gamma, gamma_int, gamma_shape): a known number gives (g, whole-number fast path, None); an array,
+    known or not, gives (None, None, its shape) and takes the general path."""
+    if isinstance(g, float):
+        return g, integer_gamma(g), None
+    return None, None, tuple(g.shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class SigmoidOptions:
-    gamma: float
+    gamma: float | None  # None when gamma is an array (gamma_shape), known or traced
     gamma_int: int | None
     alpha: float | None | str  # None, a float, or "array"
-    label_smoothing: float
+    label_smoothing: float | None  # None when traced (0-d, not range-checked)
     reduction: str
     compute_dtype: str
     logits_dtype: str
+    gamma_shape: tuple[int, ...] | None = None  # None for a number; an array's shape (broadcasts to the logits)
 
 
 def sigmoid_options(
     logits_shape: tuple[int, ...], logits_dtype: Any, targets_shape: tuple[int, ...], targets_dtype: Any, *,
     gamma: Any, alpha: Any, weight_shape: tuple[int, ...] | None, label_smoothing: Any,
-    where_shape: tuple[int, ...] | None, reduction: Any,
+    where_shape: tuple[int, ...] | None, reduction: Any, where_dtype: Any = "bool",
+    pos_weight_shape: tuple[int, ...] | None = None,
 ) -> SigmoidOptions:
-    """Validates a ``sigmoid_focal_loss`` call. Shapes are tuples; dtypes are dtype objects or names."""
+    """Validates a ``sigmoid_focal_loss`` call. Shapes are tuples; dtypes are dtype objects or names.
+
+    ``gamma``, ``alpha`` and ``label_smoothing`` are host values (checked in full) or :class:`Unknown`
+    (checked by shape only).
+    """
     logits_shape = tuple(logits_shape)
     ldt = check_logits_dtype(logits_dtype)
     tdt = dtype_name(targets_dtype)
     if dtype_kind(tdt) not in ("float", "int", "bool"):
         raise TypeError(invalid_dtype("targets", "a floating, integer or boolean dtype", tdt))
     check_broadcast("targets", targets_shape, logits_shape)
-    g = check_gamma(gamma)
+    g, g_int, g_shape = _gamma_fields(check_gamma(gamma))
+    if g_shape is not None:
+        check_broadcast("gamma", g_shape, logits_shape)
     a = check_alpha(alpha, logits_shape)
     if weight_shape is not None:
         check_broadcast("weight", weight_shape, logits_shape)
+    if pos_weight_shape is not None:
+        check_broadcast("pos_weight", pos_weight_shape, logits_shape)
     if where_shape is not None:
+        check_where_dtype(where_dtype)
         check_broadcast("where", where_shape, logits_shape)
     return SigmoidOptions(
-        gamma=g, gamma_int=integer_gamma(g), alpha=a, label_smoothing=check_label_smoothing(label_smoothing),
+        gamma=g, gamma_int=g_int, alpha=a, label_smoothing=check_label_smoothing(label_smoothing),
         reduction=check_reduction(reduction), compute_dtype=compute_dtype(ldt), logits_dtype=ldt,
+        gamma_shape=g_shape,
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class SoftmaxOptions:
-    gamma: float
+    gamma: float | None  # None when gamma is an array (gamma_shape () or (C,)), known or traced
     gamma_int: int | None
     label_kind: str  # "index" (integer class labels) or "probs" (class probabilities)
     axis: int  # normalized class axis, in [0, ndim)
     num_classes: int
     ignore_index: int
-    label_smoothing: float
+    label_smoothing: float | None  # None when traced (0-d, not range-checked)
     reduction: str
     compute_dtype: str
     logits_dtype: str
+    gamma_shape: tuple[int, ...] | None = None  # None for a number; () or (C,) for an array
 
 
 def softmax_options(
     logits_shape: tuple[int, ...], logits_dtype: Any, labels_shape: tuple[int, ...], labels_dtype: Any, *,
     gamma: Any, weight_shape: tuple[int, ...] | None, ignore_index: Any, label_smoothing: Any,
     where_shape: tuple[int, ...] | None, axis: Any, reduction: Any, axis_arg: str = "axis",
+    where_dtype: Any = "bool",
 ) -> SoftmaxOptions:
-    """Validates a ``softmax_focal_loss`` call (``axis_arg`` is ``"dim"`` in torch)."""
+    """Validates a ``softmax_focal_loss`` call (``axis_arg`` is ``"dim"`` in torch).
+
+    ``gamma`` and ``label_smoothing`` are host values (checked in full) or :class:`Unknown` (shape only).
+    An array ``gamma`` is 0-d or has one value per class, shape (C,): γ_c applies to class c's modulator.
+    C = 0 is allowed: there is no class to predict, so every integer label is out of range (torch raises,
+    JAX gives NaN) unless it is ignored, and a loss over no counted position is 0.
+    """
     logits_shape = tuple(logits_shape)
     labels_shape = tuple(labels_shape)
     ldt = check_logits_dtype(logits_dtype)
@@ -302,15 +412,20 @@ def softmax_options(
         label_kind = "probs"
     else:
         raise TypeError(invalid_dtype("labels", "integer class indices or floating class probabilities", ydt))
-    g = check_gamma(gamma)
+    g, g_int, g_shape = _gamma_fields(check_gamma(gamma))
+    if g_shape is not None and g_shape not in ((), (num_classes,)):
+        raise ValueError(invalid_shape("gamma", f"a number, or one gamma per class, shape ({num_classes},)",
+                                       g_shape, logits_shape))
     if weight_shape is not None:
         check_class_weight("weight", weight_shape, num_classes, logits_shape)
     if where_shape is not None:
+        check_where_dtype(where_dtype)
         check_broadcast("where", where_shape, logits_shape, positions, "the logits' shape without the class axis")
     return SoftmaxOptions(
-        gamma=g, gamma_int=integer_gamma(g), label_kind=label_kind, axis=ax, num_classes=num_classes,
+        gamma=g, gamma_int=g_int, label_kind=label_kind, axis=ax, num_classes=num_classes,
         ignore_index=check_ignore_index(ignore_index), label_smoothing=check_label_smoothing(label_smoothing),
         reduction=check_reduction(reduction), compute_dtype=compute_dtype(ldt), logits_dtype=ldt,
+        gamma_shape=g_shape,
     )
 
 
@@ -329,6 +444,8 @@ class OriginalOptions:
 def original_options(gamma: Any, weights: Any, logits: Any, n_classes: Any = None) -> OriginalOptions:
     """Validates the constructor of ``SegmentationFocalLoss`` / ``ClassificationFocalLoss``."""
     g = check_gamma(gamma)
+    if not isinstance(g, float):
+        raise TypeError(invalid_value("gamma", "a finite number >= 0", gamma))
     if not isinstance(logits, (bool, np.bool_)):
         raise TypeError(invalid_value("logits", "True or False", logits))
     if n_classes is not None:
@@ -347,17 +464,22 @@ def original_options(gamma: Any, weights: Any, logits: Any, n_classes: Any = Non
 
 
 def check_original_call(pred_shape: tuple[int, ...], pred_dtype: Any, teacher_shape: tuple[int, ...],
-                        weights: tuple[float, ...] | None, axis: int, classification: bool) -> tuple[int, str]:
+                        weights: tuple[float, ...] | None, axis: int, classification: bool,
+                        n_classes: int | None = None) -> tuple[int, str]:
     """Validates a call of an original module. Returns (normalized class axis, teacher kind).
 
     Teacher kind is ``"dense"`` (one-hot or soft, the pred's shape) or ``"index"`` (class indices,
-    the pred's shape without the class axis; ClassificationFocalLoss only).
+    the pred's shape without the class axis; ClassificationFocalLoss only). ``n_classes`` (the
+    ClassificationFocalLoss constructor's) must equal the pred's number of classes.
     """
     pred_shape, teacher_shape = tuple(pred_shape), tuple(teacher_shape)
     check_logits_dtype(pred_dtype)
     if len(pred_shape) < 2:
         raise ValueError(invalid_shape("pred", "at least (batch, classes)", pred_shape, pred_shape))
     ax = normalize_axis(axis, len(pred_shape))
+    if n_classes is not None and pred_shape[ax] != n_classes:
+        raise ValueError(invalid_shape("pred", f"{n_classes} classes on axis {ax} (n_classes={n_classes})",
+                                       pred_shape, pred_shape))
     positions = pred_shape[:ax] + pred_shape[ax + 1:]
     if teacher_shape == pred_shape:
         kind = "dense"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ MAX_PIECES = 16
 each region can stall, so very large inputs get larger pieces rather than more of them."""
 
 
+@functools.cache
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other dtype is computed in float32 (focal_spec.compute_dtype)."""
     return getattr(torch, focal_spec.compute_dtype(focal_spec.dtype_name(dtype)))
@@ -41,9 +43,88 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def is_transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` is wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``...), whose
+    values cannot drive Python control flow."""
+    if is_compiling():  # Dynamo cannot trace the check, and sees unwrapped tensors
+        return False
+    return isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+ACCELERATOR_PATHS = False
+"""When True, CPU tensors take the code paths of accelerator tensors (whole-tensor kernels, no value reads,
+no ``.item()``): the tests set it to exercise on the CPU what a GPU runs."""
+
+
+def is_host(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the CPU code paths (chunked kernels, free value reads): a CPU tensor, unless
+    :data:`ACCELERATOR_PATHS` is set."""
+    return t.device.type == "cpu" and not ACCELERATOR_PATHS
+
+
+def has_tangent(t: Any) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
+    if is_compiling() or not isinstance(t, torch.Tensor) or torch.autograd.forward_ad._current_level < 0:
+        return False
+    return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def is_differentiated(t: Any) -> bool:
+    """Whether a gradient or tangent may flow through ``t``: it requires grad, is wrapped by a ``torch.func``
+    transform, or is a forward-mode dual tensor. Such an option stays a tensor input of the loss."""
+    return isinstance(t, torch.Tensor) and (t.requires_grad or is_transformed(t) or has_tangent(t))
+
+
+def in_func_transform() -> bool:
+    """Whether a ``torch.func`` transform is active: then even a plain tensor's ops give wrapped results,
+    whose values cannot be read."""
+    return not is_compiling() and torch._C._functorch.maybe_current_level() is not None
+
+
 def can_read_values(t: torch.Tensor) -> bool:
-    """Whether eager code may look at ``t``'s values (not while compiling, nor on the meta device)."""
-    return not is_compiling() and t.device.type != "meta"
+    """Whether eager code may look at ``t``'s values without a device sync or a graph break: a plain CPU
+    tensor outside ``torch.compile`` and ``torch.func`` transforms."""
+    return not is_compiling() and is_host(t) and not is_transformed(t) and not in_func_transform()
+
+
+def can_check_values(t: torch.Tensor) -> bool:
+    """Whether an eager data check (out-of-range labels or targets) may run on ``t``: outside
+    ``torch.compile`` and ``torch.func`` transforms, and not on the meta device. On an accelerator it
+    costs one host sync; under a transform or compile the check is skipped and the element's loss is NaN."""
+    return not is_compiling() and t.device.type != "meta" and not is_transformed(t) and not in_func_transform()
+
+
+def spec_value(value: Any) -> Any:
+    """What :mod:`focal_spec`'s checks see of an option: host values as they are; a tensor whose values
+    can be read for free (:func:`can_read_values`) as NumPy data; any other tensor (an accelerator's, a
+    fake one under ``torch.compile``, a ``torch.func``-wrapped one) or a symbolic number as
+    ``focal_spec.Unknown(shape)``, checked by shape only."""
+    if isinstance(value, torch.Tensor):
+        if can_read_values(value):
+            v = value.detach()
+            return (v if v.dtype in (torch.float32, torch.float64) or not v.is_floating_point()
+                    else v.float()).numpy()
+        return focal_spec.Unknown(tuple(value.shape))
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return focal_spec.Unknown(())
+    return value
+
+
+def check_device(arg: str, value: Any, device: torch.device) -> None:
+    """A tensor option must live on the logits' device; a CPU tensor may accompany accelerator logits (it
+    is moved, as a Python number would be). Anything involving the meta device must match exactly."""
+    if not isinstance(value, torch.Tensor) or value.device == device:
+        return
+    if value.device.type == "cpu" and device.type != "meta":
+        return
+    raise ValueError(focal_spec.invalid_device(arg, device, value.device))
+
+
+def check_tensor(arg: str, value: Any) -> None:
+    """Logits must be a tensor (as for ``F.cross_entropy``); NumPy arrays and lists are rejected with the
+    spec's message rather than an AttributeError deep inside."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(focal_spec.invalid_type(arg, "a torch.Tensor", value))
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
@@ -75,7 +156,7 @@ def shape_of(value: Any) -> tuple[int, ...] | None:
 
 def scalar_or_tensor(value: torch.Tensor | float) -> torch.Tensor | float:
     """A 0-d coefficient as a Python float when that costs no device sync (CPU, eager), else a tensor."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu" and not is_compiling():
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and can_read_values(value) and not has_tangent(value):
         return float(value)
     return value
 
@@ -111,7 +192,7 @@ def chunked(x: torch.Tensor, *operands: torch.Tensor | None,
     chunk = CHUNK * max(1, torch.get_num_threads()) if chunk is None else chunk
     n = x.numel()
     chunk = max(chunk, -(-n // MAX_PIECES))
-    if x.dim() == 0 or n <= chunk or x.device.type != "cpu":  # accelerators: whole-tensor kernels
+    if x.dim() == 0 or n <= chunk or not is_host(x):  # accelerators: whole-tensor kernels
         yield None, (x, *operands)
         return
     if _flattenable(x, operands):

@@ -26,18 +26,19 @@ def _all_reduce_sum(value: torch.Tensor, process_group: Any) -> torch.Tensor:
 
 def mean_scale(count: torch.Tensor | int | float, process_group: Any, *, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor | float:
-    """The factor that turns a local sum into the returned mean: 1/count, or with a process group
-    world_size/global_count (so that DDP's averaging of gradients over ranks gives the global mean's
-    gradient). Zero when nothing is counted. Never carries a gradient."""
+    """The factor that turns a local sum into the returned mean: 1/den, with den the count (or the sum of
+    weights) whatever its sign, or with a process group world_size/global_den (so that DDP's averaging of
+    gradients over ranks gives the global mean's gradient). Zero when den is exactly 0. Never carries a
+    gradient."""
     if process_group is None:
         if isinstance(count, torch.Tensor):
             d = count.detach().to(dtype)
-            return torch.where(d > 0, 1.0 / d, torch.zeros((), dtype=dtype, device=d.device))
-        return 1.0 / count if count > 0 else 0.0
+            return torch.where(d != 0, 1.0 / d, torch.zeros((), dtype=dtype, device=d.device))
+        return 1.0 / count if count != 0 else 0.0
     d = torch.as_tensor(count, device=device).detach().to(dtype)
     d = _all_reduce_sum(d, process_group)
     world = float(_world_size(process_group))
-    return torch.where(d > 0, world / d, torch.zeros((), dtype=dtype, device=d.device))
+    return torch.where(d != 0, world / d, torch.zeros((), dtype=dtype, device=d.device))
 
 
 def positive_normalizer(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import focal_spec
+from focal_torch import _common as C
 from focal_torch._sigmoid import sigmoid_focal_loss
 from focal_torch._softmax import softmax_focal_loss
 
@@ -18,6 +19,16 @@ def _store(module: nn.Module, name: str, value: Any) -> None:
         module.register_buffer(name, value)
     else:
         setattr(module, name, value)
+
+
+def _check_options(gamma: Any, reduction: Any, label_smoothing: Any, alpha: Any = None) -> None:
+    """What the constructor can check without the logits: values of numbers and of readable tensors."""
+    focal_spec.check_gamma(C.spec_value(gamma))
+    focal_spec.check_reduction(reduction)
+    focal_spec.check_label_smoothing(C.spec_value(label_smoothing))
+    a = C.spec_value(alpha)
+    if a is not None and not isinstance(a, focal_spec.Unknown):
+        focal_spec.check_alpha(a, tuple(getattr(a, "shape", ())))
 
 
 def _show(value: Any) -> str:
@@ -36,9 +47,13 @@ class SigmoidFocalLoss(nn.Module):
     functional with them; see that function for the semantics.
 
     Args:
-      gamma: focusing parameter, >= 0.
+      gamma: focusing parameter, >= 0: a number, or a tensor broadcasting to the logits (stored as a
+        buffer). A 0-d tensor is the way to schedule γ under ``torch.compile`` without recompiling:
+        update it in place (``loss.gamma.fill_(g)``).
       alpha: ``None``, a number in [0, 1], or a tensor broadcasting to the logits.
       weight: optional tensor broadcasting to the logits.
+      pos_weight: optional tensor broadcasting to the logits, the weight of the positive term of the
+        cross-entropy (``F.binary_cross_entropy_with_logits``' meaning).
       label_smoothing: in [0, 1].
       where: optional boolean tensor broadcasting to the logits.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
@@ -50,15 +65,16 @@ class SigmoidFocalLoss(nn.Module):
       What :func:`focal_torch.sigmoid_focal_loss` returns.
 
     Raises:
-      ValueError: ``gamma`` < 0 or an unknown ``reduction`` (at construction); the functional's errors
-        at call.
+      ValueError: ``gamma`` < 0, ``alpha`` or ``label_smoothing`` outside [0, 1], or an unknown
+        ``reduction`` (at construction); the functional's errors at call.
 
     Examples:
       >>> import torch
       >>> from focal_torch import SigmoidFocalLoss
       >>> loss = SigmoidFocalLoss(gamma=2.0, alpha=0.25)
       >>> loss
-      SigmoidFocalLoss(gamma=2.0, alpha=0.25, weight=None, label_smoothing=0.0, where=None, reduction='mean')
+      SigmoidFocalLoss(gamma=2.0, alpha=0.25, weight=None, pos_weight=None, label_smoothing=0.0, where=None,
+                       reduction='mean')
       >>> print(f"{loss(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])).item():.6f}")
       0.008722
 
@@ -66,16 +82,17 @@ class SigmoidFocalLoss(nn.Module):
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
 
-    def __init__(self, gamma: float = focal_spec.GAMMA, alpha: float | torch.Tensor | None = focal_spec.ALPHA,
-                 weight: torch.Tensor | None = None, label_smoothing: float = focal_spec.LABEL_SMOOTHING,
-                 where: torch.Tensor | None = None, reduction: str = focal_spec.REDUCTION,
-                 process_group: Any = None) -> None:
+    def __init__(self, gamma: float | torch.Tensor = focal_spec.GAMMA,
+                 alpha: float | torch.Tensor | None = focal_spec.ALPHA, weight: torch.Tensor | None = None,
+                 label_smoothing: float = focal_spec.LABEL_SMOOTHING, where: torch.Tensor | None = None,
+                 reduction: str = focal_spec.REDUCTION, process_group: Any = None, *,
+                 pos_weight: torch.Tensor | None = None) -> None:
         super().__init__()
-        focal_spec.check_gamma(gamma)
-        focal_spec.check_reduction(reduction)
-        self.gamma = gamma
+        _check_options(gamma, reduction, label_smoothing, alpha)
+        _store(self, "gamma", gamma)
         _store(self, "alpha", alpha)
         _store(self, "weight", weight)
+        _store(self, "pos_weight", pos_weight)
         self.label_smoothing = label_smoothing
         _store(self, "where", where)
         self.reduction = reduction
@@ -83,12 +100,13 @@ class SigmoidFocalLoss(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sigmoid_focal_loss(input, target, gamma=self.gamma, alpha=self.alpha, weight=self.weight,
-                                  label_smoothing=self.label_smoothing, where=self.where,
+                                  pos_weight=self.pos_weight, label_smoothing=self.label_smoothing, where=self.where,
                                   reduction=self.reduction, process_group=self.process_group)
 
     def extra_repr(self) -> str:
-        s = (f"gamma={self.gamma}, alpha={_show(self.alpha)}, weight={_show(self.weight)}, "
-             f"label_smoothing={self.label_smoothing}, where={_show(self.where)}, reduction={self.reduction!r}")
+        s = (f"gamma={_show(self.gamma)}, alpha={_show(self.alpha)}, weight={_show(self.weight)}, "
+             f"pos_weight={_show(self.pos_weight)}, label_smoothing={self.label_smoothing}, "
+             f"where={_show(self.where)}, reduction={self.reduction!r}")
         return s + (f", process_group={self.process_group!r}" if self.process_group is not None else "")
 
 
@@ -102,7 +120,9 @@ class SoftmaxFocalLoss(nn.Module):
     with them; see that function for the semantics.
 
     Args:
-      gamma: focusing parameter, >= 0.
+      gamma: focusing parameter, >= 0: a number, or a tensor of shape () or (C,) (stored as a buffer). A
+        0-d tensor is the way to schedule γ under ``torch.compile`` without recompiling: update it in
+        place (``loss.gamma.fill_(g)``).
       weight: optional per-class weights of shape (C,).
       ignore_index: class index whose positions contribute 0.
       label_smoothing: in [0, 1].
@@ -117,8 +137,8 @@ class SoftmaxFocalLoss(nn.Module):
       What :func:`focal_torch.softmax_focal_loss` returns.
 
     Raises:
-      ValueError: ``gamma`` < 0 or an unknown ``reduction`` (at construction); the functional's errors
-        at call.
+      ValueError: ``gamma`` < 0, ``label_smoothing`` outside [0, 1] or an unknown ``reduction`` (at
+        construction); the functional's errors at call.
 
     Examples:
       >>> import torch
@@ -134,14 +154,13 @@ class SoftmaxFocalLoss(nn.Module):
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
 
-    def __init__(self, gamma: float = focal_spec.GAMMA, weight: torch.Tensor | None = None,
+    def __init__(self, gamma: float | torch.Tensor = focal_spec.GAMMA, weight: torch.Tensor | None = None,
                  ignore_index: int = focal_spec.IGNORE_INDEX, label_smoothing: float = focal_spec.LABEL_SMOOTHING,
                  where: torch.Tensor | None = None, dim: int = focal_spec.TORCH_CLASS_DIM,
                  reduction: str = focal_spec.REDUCTION, process_group: Any = None) -> None:
         super().__init__()
-        focal_spec.check_gamma(gamma)
-        focal_spec.check_reduction(reduction)
-        self.gamma = gamma
+        _check_options(gamma, reduction, label_smoothing)
+        _store(self, "gamma", gamma)
         _store(self, "weight", weight)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
@@ -156,7 +175,7 @@ class SoftmaxFocalLoss(nn.Module):
                                   reduction=self.reduction, process_group=self.process_group)
 
     def extra_repr(self) -> str:
-        s = (f"gamma={self.gamma}, weight={_show(self.weight)}, ignore_index={self.ignore_index}, "
+        s = (f"gamma={_show(self.gamma)}, weight={_show(self.weight)}, ignore_index={self.ignore_index}, "
              f"label_smoothing={self.label_smoothing}, where={_show(self.where)}, dim={self.dim}, "
              f"reduction={self.reduction!r}")
         return s + (f", process_group={self.process_group!r}" if self.process_group is not None else "")

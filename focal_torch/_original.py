@@ -14,13 +14,41 @@ from focal_torch import _common as C
 from focal_torch._softmax import softmax_focal_loss
 
 
+def _binary_cross_entropy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """softplus(x) - t x without cancellation: log1p(e^-|x|) plus the one non-negative linear term of x's side,
+    with exp(-|x|) spelled per side so that autograd's derivative is exact at x = 0 too."""
+    pos = x >= 0
+    e = torch.exp(torch.where(pos, -x, x))
+    return torch.log1p(e) + torch.where(pos, (1.0 - t) * x, -t * x)
+
+
+def _one_minus_exp_neg(c: torch.Tensor) -> torch.Tensor:
+    """1 - e^-c for c >= 0 without cancellation, in eager mode and under ``torch.compile`` alike (inductor's
+    CPU code for ``expm1`` is exp(x) - 1, which loses every digit near 0): a Taylor polynomial below a
+    threshold (float32: 1/4, truncation < 2e-9 relative; float64: 1/100, < 1e-20), 1 - e^-c above it (where
+    the subtraction loses under 2 bits in float32 and under 7 in float64)."""
+    small = c < (0.01 if c.dtype == torch.float64 else 0.25)
+    z = torch.where(small, c, 0.0)
+    series = z * (1 - z / 2 * (1 - z / 3 * (1 - z / 4 * (1 - z / 5 * (1 - z / 6 * (1 - z / 7))))))
+    return torch.where(small, series, 1.0 - torch.exp(-torch.where(small, 1.0, c)))
+
+
+def _check_indices(y: torch.Tensor, n_classes: int) -> None:
+    """Class indices outside [0, C) raise in eager mode (the original modules have no ignore_index)."""
+    if C.can_check_values(y):
+        bad = (y < 0) | (y >= n_classes)
+        if bool(bad.any()):
+            raise ValueError(focal_spec.label_out_of_range(int(y[bad][0]), n_classes, None))
+
+
 def _original_loss(pred: torch.Tensor, teacher: torch.Tensor, *, gamma: float, gamma_int: int | None,
                    weights: tuple[float, ...] | None, weight_buffer: torch.Tensor | None, logits: bool,
-                   classification: bool) -> torch.Tensor:
+                   classification: bool, n_classes: int | None = None) -> torch.Tensor:
+    C.check_tensor("pred", pred)
     if not isinstance(teacher, torch.Tensor):
         teacher = torch.as_tensor(teacher, device=pred.device)
     ax, kind = focal_spec.check_original_call(tuple(pred.shape), pred.dtype, tuple(teacher.shape), weights,
-                                              focal_spec.ORIGINAL_CLASS_AXIS, classification)
+                                              focal_spec.ORIGINAL_CLASS_AXIS, classification, n_classes)
     n_classes = pred.shape[ax]
     cdtype = C.compute_dtype(pred.dtype)
     w = None
@@ -32,25 +60,25 @@ def _original_loss(pred: torch.Tensor, teacher: torch.Tensor, *, gamma: float, g
     if not logits:
         # Softmax focal loss on the class indices, weighted per position by its class, plain mean.
         y = teacher.long() if kind == "index" else teacher.argmax(ax)
-        total = softmax_focal_loss(pred, y, gamma=gamma, weight=w, dim=ax, reduction="sum")
+        if kind == "index":
+            _check_indices(y, n_classes)
+        # ignore_index -1 can never hold a class: under compile an out-of-range index gives NaN, never 0
+        total = softmax_focal_loss(pred, y, gamma=gamma, weight=w, dim=ax, reduction="sum", ignore_index=-(2**62))
         return total / max(y.numel(), 1)
     with C.no_autocast(pred.device):
         x = pred.to(cdtype)
         if kind == "index":
             y = teacher.long()
-            if C.can_read_values(y):
-                bad = (y < 0) | (y >= n_classes)
-                if bool(bad.any()):
-                    raise ValueError(focal_spec.label_out_of_range(int(y[bad][0]), n_classes, focal_spec.IGNORE_INDEX))
+            _check_indices(y, n_classes)
             # One-hot built where the teacher lives.
             t = F.one_hot(y.clamp(0, n_classes - 1), n_classes).to(cdtype).movedim(-1, ax)
         else:
             t = teacher.to(device=pred.device, dtype=cdtype)
-        ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+        ce = _binary_cross_entropy(x, t)
         if gamma == 0.0:
             loss = ce
         else:
-            q = -torch.expm1(-ce)  # geometric 1-p_t = 1 - exp(-BCE), without cancellation
+            q = _one_minus_exp_neg(ce)  # geometric 1-p_t = 1 - exp(-BCE), without cancellation
             if gamma_int is not None:
                 m = C.ipow(q, gamma_int, inplace=False)
             else:
@@ -78,9 +106,11 @@ class _OriginalBase(nn.Module):
         if not opts.logits and opts.weights is not None:
             warnings.warn(focal_spec.original_logits_false_weights(), RuntimeWarning, stacklevel=3)
 
-    def _loss(self, pred: torch.Tensor, teacher: torch.Tensor, classification: bool) -> torch.Tensor:
+    def _loss(self, pred: torch.Tensor, teacher: torch.Tensor, classification: bool,
+              n_classes: int | None = None) -> torch.Tensor:
         return _original_loss(pred, teacher, gamma=self.gamma, gamma_int=self._gamma_int, weights=self._weights,
-                              weight_buffer=self.class_weight, logits=self.logits, classification=classification)
+                              weight_buffer=self.class_weight, logits=self.logits, classification=classification,
+                              n_classes=n_classes)
 
     def extra_repr(self) -> str:
         weights = None if self._weights is None else list(self._weights)
@@ -171,8 +201,9 @@ class ClassificationFocalLoss(_OriginalBase):
 
     Raises:
       ValueError: ``gamma`` < 0, ``n_classes`` < 1, or a ``weights`` length other than ``n_classes`` (at
-        construction); a teacher shape that fits neither form, or, in eager mode, a class index
-        outside [0, C) (at call).
+        construction); a ``pred`` whose class count is not ``n_classes``, a teacher shape that fits neither
+        form, or, in eager mode, a class index outside [0, C), negative ones included (at call). Under
+        ``torch.compile`` or ``torch.func`` the index check is skipped and such a loss is NaN.
       TypeError: non-boolean ``logits``; integer ``pred``.
 
     Examples:
@@ -195,7 +226,7 @@ class ClassificationFocalLoss(_OriginalBase):
         self._n_classes = int(n_classes)
 
     def forward(self, pred: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return self._loss(pred, teacher, classification=True)
+        return self._loss(pred, teacher, classification=True, n_classes=self._n_classes)
 
     def extra_repr(self) -> str:
         return f"n_classes={self._n_classes}, " + super().extra_repr()

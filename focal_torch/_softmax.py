@@ -1,8 +1,11 @@
-"""Softmax focal loss (multi-class) with a closed-form, recomputing backward."""
+"""Softmax focal loss (multi-class): torch's own log-softmax kernels for integer labels, and a formula of
+plain differentiable operations, which autograd and every ``torch.func`` transform differentiate, for the rest."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -13,145 +16,149 @@ from focal_torch import _distributed
 
 
 class _Opts(NamedTuple):
-    gamma: float
-    gamma_int: int | None
-    eps: float
     dim: int
     num_classes: int
     reduction: str
     cdtype: torch.dtype
+    gamma: float | None  # a known number (the kernels specialise on it), else None: see ``_Plain.gamma``
+    gamma_int: int | None  # whole γ up to 8: multiplications only
 
 
-def _modulator_from(u: torch.Tensor, log1mp: torch.Tensor, o: _Opts) -> torch.Tensor | float:
-    """m = (1-p)^γ: 1 for γ = 0, multiplications for whole γ, exp(γ log(1-p)) otherwise."""
+def _in_transform() -> bool:
+    """Whether a ``torch.func`` transform is running: then even a plain tensor's ops (``detach()``,
+    ``item()``) go through it, so no value is read and the smooth formula is used."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _spec(value: Any) -> Any:
+    """What the spec's checks see of an option (``C.spec_value``), by shape only inside a transform."""
+    if isinstance(value, torch.Tensor) and _in_transform():
+        return focal_spec.Unknown(tuple(value.shape))
+    return C.spec_value(value)
+
+
+def _no_autocast(device: torch.device) -> Any:
+    """``C.no_autocast``, entered only where autocast is on (entering costs as much as a small kernel)."""
+    if device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return C.no_autocast(device)
+
+
+def _forward_ad_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors may be about)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
+# ----------------------------------------------------------------------------------------
+# Per-position terms of the integer-label loss. With lp = log p_y and u = 1 - p_y (both
+# accurate), ℓ = -m lp with m = u^γ, and dℓ/dx_k = κ (δ_ky - p_k) with κ = m (γ p ρ - 1),
+# ρ = log p / (1 - p) (which tends to -1 as p -> 1).
+# ----------------------------------------------------------------------------------------
+
+
+def _modulator(u: torch.Tensor, o: _Opts) -> torch.Tensor | float:
     if o.gamma == 0.0:
         return 1.0
     if o.gamma_int is not None:
         return C.ipow(u, o.gamma_int, inplace=False)
-    return torch.exp(o.gamma * log1mp)
+    return torch.exp(torch.log(u) * o.gamma)  # u = 0: exp(-inf) = 0 (γ > 0 here)
 
 
-def _safe_log(v: torch.Tensor) -> torch.Tensor:
-    """log v, with -inf at v = 0 and a zero (not NaN) derivative there."""
-    pos = v > 0
-    return torch.where(pos, torch.log(torch.where(pos, v, 1.0)), -math.inf)
-
-
-def _log_p(log1mp: torch.Tensor, direct: torch.Tensor) -> torch.Tensor:
-    """log p from log(1-p) where p is close to 1 (log(1-p) < -ln 2), else the direct x - M - log S."""
-    near_one = log1mp < -C.LN2
-    safe = torch.where(near_one, log1mp, -1.0)
-    return torch.where(near_one, torch.log1p(-torch.exp(safe)), direct)
-
-
-def _rho(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """ρ = log p / (1-p), which tends to -1 as p -> 1; -1 where 1-p underflows to 0."""
-    pos = u > 0
-    return torch.where(pos, logp / torch.where(pos, u, 1.0), -1.0)
-
-
-# ----------------------------------------------------------------------------------------
-# Integer labels without smoothing: only the label's class matters, so everything but the
-# softmax itself is per position. Forward keeps per-position statistics (max, sum of
-# exponentials and the backward coefficient); backward recomputes p from the logits.
-# ----------------------------------------------------------------------------------------
-
-
-def _index_row_terms(xmy, others, wy, o: _Opts):
-    """Per-position loss and backward coefficient w_y κ_y, from x_y - M and Σ_{k≠y} e^(x_k - M).
-
-    ``others`` is summed without the label's own term, so 1-p_y = others/S has no cancellation
-    even when p_y rounds to 1, and log S is log1p(others + expm1(x_y - M)): for a label at the
-    max that is log1p(others), accurate however small, so log p_y = x_y - M - log S is too. Plain
-    arithmetic only (no ``where``, whose boolean kernels are slow on the CPU): an uncounted
-    position may come out as garbage here, and the caller zeroes it.
-    """
-    ey = torch.exp(xmy)
-    s = others + ey
-    log_s = torch.log1p(torch.expm1(xmy).add_(others))
-    logp = xmy - log_s
-    u = others / s  # 1 - p_y
+def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts) -> torch.Tensor | float:
+    """dℓ/d(log p_y) = κ = -m + γ p log p (1-p)^(γ-1), finite for every p (also 1-p = 0)."""
     if o.gamma == 0.0:
-        loss, coef = logp.neg_(), torch.full_like(logp, -1.0)
-    else:
-        if o.gamma_int is not None:
-            m = C.ipow(u, o.gamma_int, inplace=False)
-        else:
-            m = torch.log(others).sub_(log_s).mul_(o.gamma).exp_()
-        # κ = m (γ p ρ - 1), ρ = log p / (1-p); where 1-p underflows to 0, m = 0 and ρ does not matter.
-        coef = (ey / s).mul_(logp).div_(u.clamp(min=torch.finfo(u.dtype).tiny)).mul_(o.gamma).sub_(1.0).mul_(m)
-        loss = logp.mul_(m).neg_()
-    if wy is not None:
-        loss, coef = loss.mul_(wy), coef.mul_(wy)
-    return loss, coef, s, u
+        return -1.0
+    p = torch.exp(lpy)
+    n = o.gamma_int
+    if n is not None:
+        if n == 1:
+            return (p * lpy).sub_(u)
+        return C.ipow(u, n - 1, inplace=False) * (p * lpy * float(n) - u)
+    m = _modulator(u, o)
+    pos = u > 0
+    rho = torch.where(pos, lpy / torch.where(pos, u, 1.0), -1.0)
+    return (p * rho * o.gamma - 1.0) * m
 
 
-def _label_dtype(num_classes: int) -> torch.dtype:
-    """The smallest integer dtype holding every class index and the -1 marking an uncounted position."""
-    if num_classes <= torch.iinfo(torch.int16).max:
-        return torch.int16
-    return torch.int32 if num_classes <= torch.iinfo(torch.int32).max else torch.int64
+def _host_select(t: torch.Tensor) -> bool:
+    """Whether data-dependent selection (counting, boolean indexing) is free for ``t``: the CPU only.
+    On an accelerator it would sync, so there the whole-tensor form runs instead."""
+    return t.device.type == "cpu"
 
 
-def _index_stats(xc, mx, yk, weight, o: _Opts, out=None, exact=True):
-    """exp(x - M) (in ``out`` if given), and the per-position loss, coefficient, S and 1-p_y.
-    ``yk`` holds the labels (>= 0) with the class dim kept.
+def _one_minus_p(x: torch.Tensor, lpy: torch.Tensor, yk: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """u = 1 - p_y and log p_y, both accurate to rounding, given lp_y from the log-softmax.
 
-    ``exact``: Σ_{k≠y} e_k is summed with the label's entry zeroed (as the forward value needs), and
-    that entry of the returned exp(x - M) is 0. Otherwise (the backward, which only needs the
-    coefficient to within rounding) it is S - e_y, one scatter cheaper, and exp(x - M) is whole.
+    Where p_y <= 1/2, lp_y and u = -expm1(lp_y) are accurate. Where p_y > 1/2 (y is then the arg-max),
+    lp_y = -log S has lost the digits of S - 1 to rounding; there u is summed as Σ_{k≠y} p_k and
+    log p_y = log1p(-u). On the CPU, when such positions are few, only their rows are summed (boolean
+    indexing), as R = Σ_{k≠y} exp(x_k - x_y) in float64, where the differences of float32 logits are
+    exact, u = R / (1 + R); otherwise (many of them, or an accelerator, where counting would sync) the
+    softmax of every position is summed, in the compute dtype.
     """
-    d = o.dim
-    e = torch.sub(xc, mx, out=out).mul_(C.LOG2E).exp2_()  # exp(x - M); exp2 is the fast vectorized one
-    xmy = xc.gather(d, yk) - mx
-    if exact:
-        others = e.scatter_(d, yk, 0.0).sum(d, keepdim=True)
-    else:
-        others = e.sum(d, keepdim=True).sub_(torch.exp(xmy)).clamp_(min=0.0)
-    wy = None if weight is None else weight[yk]
-    loss, coef, s, u = _index_row_terms(xmy, others, wy, o)
-    return e, loss, coef, s, u
+    if x.dim() == 1:  # one position: give it a dim, so that positions can be indexed
+        u, lpy = _one_minus_p(x.unsqueeze(0), lpy.unsqueeze(0), yk.unsqueeze(0), d + 1)
+        return u.squeeze(0), lpy.squeeze(0)
+    near = lpy > -C.LN2
+    u = torch.expm1(lpy).neg_()
+    host = _host_select(x)
+    k = int(near.sum()) if host else -1
+    if k == 0:
+        return u, lpy
+    if host and 8 * k <= near.numel():  # few such positions: their rows only, in float64
+        sel = near.squeeze(d).nonzero(as_tuple=True)  # the K positions, found once
+        rows = x.movedim(d, -1)[sel].to(torch.float64)  # (K, C)
+        ys = yk.squeeze(d)[sel].unsqueeze(1)
+        r = torch.exp(rows - rows.gather(1, ys)).scatter_(1, ys, 0.0).sum(1)
+        u.squeeze(d).index_put_(sel, (r / (1.0 + r)).to(u.dtype))
+        lpy = lpy.clone()
+        lpy.squeeze(d).index_put_(sel, torch.log1p(r).neg_().to(lpy.dtype))
+        return u, lpy
+    # Σ_{k≠y} p_k from torch's softmax kernel: each p_k is accurate, and no term cancels.
+    others = torch.softmax(x.to(lpy.dtype), d).scatter_(d, yk, 0.0).sum(d, keepdim=True)
+    u = torch.where(near, others, u)
+    return u, torch.where(near, torch.log1p(-torch.where(near, u, 0.0)), lpy)
 
 
-def _pieces(x, *operands, d: int):
-    """Pieces of the batch (dim 0) for the eager kernels; the whole tensor when dim 0 is the class dim
-    or when compiling (the compiler fuses the passes itself)."""
-    if d == 0 or C.is_compiling():
-        return [(None, (x, *operands))]
-    return C.chunked(x, *operands, chunk=C.SOFTMAX_CHUNK)
+class _IndexFocal(torch.autograd.Function):
+    """Integer labels, no smoothing, a known γ, gradient for the logits only.
 
-
-class _SoftmaxIndexFocal(torch.autograd.Function):
-    """Class indices, no smoothing. Saves the logits, the labels in a small integer dtype (-1 where a
-    position is not counted) and the per-position max: no more than ``F.cross_entropy`` keeps (its
-    log-probabilities and labels). Backward recomputes exp(x - M) and the rest from them. Both passes
-    go over pieces of the batch, so that their temporaries stay in cache."""
+    Forward: lp = log_softmax(x) (saved, as ``F.cross_entropy`` saves it), with log p_y made accurate
+    in place; the loss needs only lp_y. Backward: g = one-hot(κ·grad), and torch's log-softmax
+    backward gives g - p·Σg = κ (δ_ky - p_k); the label's entry is then rewritten as κ·(1 - p_y) from
+    the accurate 1 - p_y. Saved: lp and the labels (-1 where a position is not counted), no more than
+    ``F.cross_entropy`` keeps. Double backward runs the smooth formula on the logits, which are held
+    by a weak reference (they are alive wherever a double backward is asked for).
+    """
 
     @staticmethod
-    def forward(ctx, x, ys, weight, bad, scale, o: _Opts, check_garbage: bool):  # type: ignore[override]
+    def forward(ctx, x, ys, yk, weight, scale, o: _Opts, all_counted: bool):  # type: ignore[override]
         d = o.dim
-        with C.no_autocast(x.device):
-            yk = ys.unsqueeze(d)  # (N, 1, ...): sliced along with x
-            mx = torch.empty(yk.shape, dtype=o.cdtype, device=x.device)
-            loss = torch.empty(yk.shape, dtype=o.cdtype, device=x.device)
-            for region, (xp, ykp) in _pieces(x, yk, d=d):
-                xc = xp.to(o.cdtype)
-                m = xc.amax(d, keepdim=True)
-                _, lp, _, _, _ = _index_stats(xc, m, ykp.clamp(min=0).long(), weight, o)
-                C.piece_of(mx, region).copy_(m)
-                C.piece_of(loss, region).copy_(lp)
-            counted = yk >= 0
-            # An uncounted position may hold NaN/inf logits; its gradient must then be masked, which
-            # costs a pass. Whether any does is free to find out on the CPU; elsewhere, assume so.
-            ctx.mask_grad = bool((~counted & ~torch.isfinite(mx)).any()) if check_garbage else True
-            loss = C.zero_unless(loss, counted)
-            if bad is not None:  # under torch.compile only: an out-of-range label makes its loss NaN
-                loss = torch.where(bad.unsqueeze(d), math.nan, loss)
-            ctx.o = o
+        with _no_autocast(x.device):
+            lp = torch.log_softmax(x.to(o.cdtype), d)
+            lpy = lp.gather(d, yk)
+            u, lpy_acc = _one_minus_p(x, lpy, yk, d)
+            if lpy_acc is not lpy:
+                lp.scatter_(d, yk, lpy_acc)
+            loss = (_modulator(u, o) * lpy_acc).neg_() if o.gamma != 0.0 else lpy_acc.neg()
+            if weight is not None:
+                loss = loss * weight[yk]
+            counted = None if all_counted else (ys >= 0).unsqueeze(d)
+            if counted is not None:
+                loss = torch.where(counted, loss, 0.0)
+            # Uncounted positions may hold NaN/inf logits, whose log-softmax rows are NaN: their gradient
+            # must be masked, which costs a pass. On the CPU whether any does is free to find out.
+            if counted is None:
+                ctx.mask_rows = False
+            elif _host_select(lp):
+                ctx.mask_rows = bool((~counted & ~torch.isfinite(lpy)).any())
+            else:
+                ctx.mask_rows = True
+            ctx.o, ctx.all_counted, ctx.x_dtype = o, all_counted, x.dtype
             ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
-            if not ctx.scale_is_tensor:
-                ctx.scale = scale
-            ctx.save_for_backward(x, ys, weight, scale if ctx.scale_is_tensor else None, mx)
+            ctx.scale = None if ctx.scale_is_tensor else scale
+            ctx.x_ref, ctx.x_version = weakref.ref(x), x._version
+            ctx.save_for_backward(lp, ys, weight, scale if ctx.scale_is_tensor else None)
             loss = loss.squeeze(d)
             if o.reduction == "none":
                 return loss.to(x.dtype)
@@ -162,182 +169,249 @@ class _SoftmaxIndexFocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, ys, weight, scale_t, mx = ctx.saved_tensors
+        lp, ys, weight, scale_t = ctx.saved_tensors
         none = (None,) * 6
         if not ctx.needs_input_grad[0]:
             return (None, *none)
         o: _Opts = ctx.o
         d = o.dim
         scale = scale_t if ctx.scale_is_tensor else ctx.scale
-        with C.no_autocast(x.device):
+        if torch.is_grad_enabled():
+            return _index_double_backward(ctx, grad_out, ys, weight, scale), *none
+        with _no_autocast(lp.device):
             yk = ys.unsqueeze(d)
+            if not ctx.all_counted:
+                yk = yk.clamp(min=0)
+            lpy = lp.gather(d, yk)
+            u = torch.expm1(lpy).neg_()
             go = grad_out.to(o.cdtype)
             if o.reduction == "none":
                 go = go.unsqueeze(d)
             elif o.reduction == "mean":
                 go = go * scale
-            if torch.is_grad_enabled() and not C.is_compiling():
-                # Double backward: the general closed form, built from the logits with differentiable
-                # ops (the saved max carries no graph).
-                go = torch.where(yk >= 0, go, 0.0)
-                return (_general_grad(x, ys.clamp(min=0).long(), weight, ys >= 0, o) * go).to(x.dtype), *none
-            grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            if go.dim() == 0:
-                go = go.expand(yk.shape)
-            for region, (xp, ykp, mp, gp) in _pieces(x, yk, mx, go, d=d):
-                out = C.piece_of(grad, region)
-                counted = ykp >= 0
-                ykl = ykp.clamp(min=0).long()
-                e, _, coef, s, _ = _index_stats(xp.to(o.cdtype), mp, ykl, weight, o,
-                                                out=out if out.dtype == o.cdtype else None, exact=False)
-                c = C.zero_unless(coef * gp, counted)
-                e.mul_(-c / s)  # -c p_k
-                e.scatter_add_(d, ykl, c)  # + c at k = y: c (δ_ky - p_k)
-                if ctx.mask_grad:  # uncounted positions holding NaN/inf logits: their gradient is exactly 0
-                    e = C.zero_unless(e, counted)
-                if e is not out:
-                    out.copy_(e)
-            return grad, *none
+            g = _kappa(lpy, u, o) * go
+            if not isinstance(g, torch.Tensor) or g.shape != lpy.shape:
+                g = torch.as_tensor(g, dtype=o.cdtype, device=lp.device).expand(lpy.shape)
+            if weight is not None:
+                g = g * weight[yk]
+            counted = None if ctx.all_counted else (ys >= 0).unsqueeze(d)
+            if counted is not None:
+                g = torch.where(counted, g, 0.0)
+            onehot = torch.zeros_like(lp).scatter_(d, yk, g)
+            grad = torch._log_softmax_backward_data(onehot, lp, d, o.cdtype)
+            grad.scatter_(d, yk, g * u)  # κ (1 - p_y) with the accurate 1 - p_y
+            if ctx.mask_rows:
+                grad = torch.where(counted, grad, 0.0)
+            return grad.to(ctx.x_dtype), *none
+
+
+def _index_double_backward(ctx, grad_out, ys, weight, scale):
+    """The logits' gradient as a differentiable function of the logits and of ``grad_out``."""
+    x = ctx.x_ref()
+    if x is None or x._version != ctx.x_version:
+        raise RuntimeError("softmax_focal_loss: a double backward needs the logits it was called with, alive and "
+                           "unmodified; keep a reference to them (or use torch.func transforms)")
+    o: _Opts = ctx.o
+    counted = ys >= 0
+    with torch.enable_grad():
+        xg = x if x.requires_grad else x.detach().requires_grad_()
+        plain = _Plain(labels=ys.clamp(min=0), probs=None, weight=weight, gamma=o.gamma, eps=0.0,
+                       valid=None if ctx.all_counted else counted, bad=None)
+        loss = _plain_loss(xg, plain, o)
+        go = grad_out.to(o.cdtype)
+        if o.reduction == "mean":
+            go = go * scale
+        go = go.expand(loss.shape) if o.reduction != "none" else go
+        (grad,) = torch.autograd.grad(loss, xg, go, create_graph=True)
+    return grad.to(ctx.x_dtype)
 
 
 # ----------------------------------------------------------------------------------------
-# The general case: class probabilities, or label smoothing. Plain out-of-place ops, used for
-# the forward and backward here and for the double backward of the integer path.
+# The smooth formula: plain differentiable ops, used for probability labels, label smoothing,
+# tensor γ, gradients for inputs other than the logits, torch.compile, torch.func transforms,
+# forward-mode AD, the meta device and the double backward of the kernels above.
+#
+# With e_k = exp(x_k - M) and S = Σ e_k, 1 - p_c = (Σ_{k≠c} e_k) / S, where the sum of the others
+# is S - e_c for every class but the arg-max (it is at least e_max = 1 there, so no digit is lost)
+# and is summed with the arg-max left out for that one. log p_c = log1p(-(1 - p_c)) where p_c > 1/2,
+# else x_c - M - log S. The modulator (1-p)^γ is a product for a whole γ, else exp(γ log(1-p)) with
+# 1-p floored at the dtype's tiny: value, gradient and Hessian stay finite and accurate at any margin.
 # ----------------------------------------------------------------------------------------
 
 
-def _class_view(w: torch.Tensor, ndim: int, d: int) -> torch.Tensor:
+class _Plain(NamedTuple):
+    labels: torch.Tensor | None  # integer labels >= 0 (positions' shape), or None
+    probs: torch.Tensor | None  # class probabilities (the logits' shape), or None
+    weight: torch.Tensor | None  # (C,)
+    gamma: Any  # a float, a tensor of shape () or (C,), or a symbolic number
+    eps: Any  # label smoothing: a float or a 0-d tensor
+    valid: torch.Tensor | None  # counted positions (positions' shape), or None for all
+    bad: torch.Tensor | None  # positions whose loss is NaN (an out-of-range label), or None
+
+
+def _class_view(v: torch.Tensor, ndim: int, d: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[d] = -1
-    return w.view(shape)
+    return v.reshape(shape)
 
 
-def _softmax_parts(x: torch.Tensor, d: int):
-    """log p_c, log(1-p_c), p_c and 1-p_c over dim d, without cancellation.
-
-    Σ_{k≠c} e_k is S - e_c except for one arg-max class, whose others-sum is accumulated with
-    that class left out, so log(1-p_c) stays accurate as p_c rounds to 1.
-    """
-    mx = x.amax(d, keepdim=True).detach()
-    z = x - mx
-    e = torch.exp(z)
-    s = e.sum(d, keepdim=True)
-    idx = x.argmax(d, keepdim=True)
-    s_wo_max = e.scatter(d, idx, 0.0).sum(d, keepdim=True)
-    others = (s - e).scatter(d, idx, s_wo_max)
-    log_s = torch.log(s)
-    log1mp = _safe_log(others) - log_s
-    logp = _log_p(log1mp, z - log_s)
-    return logp, log1mp, torch.exp(logp), others / s
+def _smooth_modulator(u: torch.Tensor, gamma: Any, o: _Opts) -> torch.Tensor | float:
+    """(1-p)^γ from u = 1-p: multiplications for a whole γ; otherwise exp(γ · log max(u, tiny)), finite
+    with finite derivatives (also in γ) where u underflows, and exactly 1 at γ = 0 (no 0^0)."""
+    if o.gamma is not None:
+        if o.gamma == 0.0:
+            return 1.0
+        if o.gamma_int is not None:
+            return C.ipow(u, o.gamma_int, inplace=False)
+        gamma = o.gamma
+    return torch.exp(gamma * torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
 
 
-def _targets(x, labels, o: _Opts):
-    """Smoothed class probabilities q (for probability labels), or None for class indices."""
-    if labels.dtype.is_floating_point:
-        return labels.to(o.cdtype) * (1.0 - o.eps) + o.eps / o.num_classes
-    return None
+def _one_minus_p_and_log_p(z: torch.Tensor, log_s: torch.Tensor, rest: torch.Tensor, s: torch.Tensor):
+    """(1 - p, log p) with accurate values and derivatives, from z = x - M, log S and the sum of the
+    other classes' e^z. Where p < 1/2: 1 - p and z - log S (the derivative of 1 - p is -dp, not the
+    difference of two near-equal terms). Where p >= 1/2: rest / S and log1p(-(rest / S))."""
+    lp_direct = z - log_s
+    p = torch.exp(lp_direct)
+    small = p < 0.5
+    u = torch.where(small, 1.0 - p, rest / s)
+    return u, torch.where(small, lp_direct, torch.log1p(-torch.where(small, 0.0, u)))
 
 
-def _sanitize(x, labels, valid, o: _Opts):
-    """Zeroes the logits (and probability labels) of uncounted positions before any math. With
-    autograd recording (double backward) this is ``torch.where``; otherwise bits are cleared."""
+def _plain_loss(x: torch.Tensor, p: _Plain, o: _Opts) -> torch.Tensor:
+    """Per-position loss (positions' shape, compute dtype), as differentiable ops."""
     d = o.dim
     xs = x.to(o.cdtype)
-    if valid is not None:
-        vk = valid.unsqueeze(d)
-        if torch.is_grad_enabled() and xs.requires_grad:
-            xs = torch.where(vk, xs, 0.0)
+    vk = None if p.valid is None else p.valid.unsqueeze(d)
+    if vk is not None:
+        xs = torch.where(vk, xs, 0.0)
+    nc = o.num_classes
+    gamma = p.gamma
+    if isinstance(gamma, torch.Tensor):
+        gamma = gamma.to(o.cdtype)
+        if gamma.dim() == 1:
+            gamma = _class_view(gamma, xs.dim(), d)
+    if nc <= 1:  # p = 1 (or no class at all): the loss is 0, with zero gradients
+        loss = torch.where(torch.zeros((), dtype=torch.bool, device=xs.device), xs, 0.0).sum(d)
+    else:
+        mx = xs.detach().amax(d, keepdim=True)
+        z = xs - torch.where(torch.isfinite(mx), mx, 0.0)
+        e = torch.exp(z)
+        if p.labels is not None and isinstance(p.eps, float) and p.eps == 0.0:
+            yk = p.labels.long().unsqueeze(d)
+            rest = e.scatter(d, yk, 0.0).sum(d, keepdim=True)  # Σ_{k≠y} e_k, summed without e_y
+            zy = z.gather(d, yk)
+            s = rest + torch.exp(zy)
+            u, lp = _one_minus_p_and_log_p(zy, torch.log(s), rest, s)
+            if isinstance(gamma, torch.Tensor) and gamma.dim() > 0:
+                gamma = gamma.expand(xs.shape).gather(d, yk)
+            term = _smooth_modulator(u, gamma, o) * lp
+            if p.weight is not None:
+                term = term * p.weight.to(o.cdtype)[yk]
+            loss = term.neg().squeeze(d)
         else:
-            xs = C.zero_unless(xs, vk)
-        if labels.dtype.is_floating_point:
-            labels = C.zero_unless(labels, vk)
-    return xs, labels
+            idx = xs.detach().argmax(d, keepdim=True)
+            is_max = torch.zeros(xs.shape, dtype=torch.bool, device=xs.device).scatter(d, idx, True)
+            s = e.sum(d, keepdim=True)
+            rest = torch.where(is_max, e.scatter(d, idx, 0.0).sum(d, keepdim=True), s - e)
+            u, lp = _one_minus_p_and_log_p(z, torch.log(s), rest, s)
+            term = _smooth_modulator(u, gamma, o) * lp
+            if p.weight is not None:
+                term = term * _class_view(p.weight.to(o.cdtype), xs.dim(), d)
+            eps = p.eps
+            if p.probs is not None:
+                q = p.probs.to(o.cdtype)
+                if vk is not None:
+                    q = torch.where(vk, q, 0.0)
+                q = q * (1.0 - eps) + eps / nc
+                loss = -(term * q).sum(d)
+            else:
+                yk = p.labels.long().unsqueeze(d)
+                loss = -((1.0 - eps) * term.gather(d, yk) + (eps / nc) * term.sum(d, keepdim=True)).squeeze(d)
+    if p.valid is not None:
+        loss = torch.where(p.valid, loss, 0.0)
+    if p.bad is not None:
+        loss = torch.where(p.bad, math.nan, loss)
+    return loss
 
 
-def _general_loss(x, labels, weight, valid, o: _Opts) -> torch.Tensor:
-    d = o.dim
-    xs, labels = _sanitize(x, labels, valid, o)
-    logp, log1mp, _, u = _softmax_parts(xs, d)
-    term = _modulator_from(u, log1mp, o) * logp
-    if weight is not None:
-        term = term * _class_view(weight, xs.dim(), d)
-    q = _targets(xs, labels, o)
-    if q is None:
-        loss = -((1.0 - o.eps) * term.gather(d, labels.unsqueeze(d)) + (o.eps / o.num_classes) * term.sum(d, True))
-    else:
-        loss = -(term * q).sum(d, keepdim=True)
-    if valid is not None:
-        loss = torch.where(valid.unsqueeze(d), loss, 0.0)
-    return loss.squeeze(d)
+# ----------------------------------------------------------------------------------------
+# Options: validated once per combination of static facts.
+# ----------------------------------------------------------------------------------------
+
+_OPTIONS_CACHE: dict[tuple[Any, ...], focal_spec.SoftmaxOptions] = {}
+_OPTIONS_CACHE_SIZE = 256
 
 
-def _general_grad(x, labels, weight, valid, o: _Opts) -> torch.Tensor:
-    """dℓ_i/dx_k = A_k - p_k Σ_c A_c with A_c = w_c q_c κ_c and κ_c = m_c (γ p_c ρ_c - 1)."""
-    d = o.dim
-    xs, labels = _sanitize(x, labels, valid, o)
-    logp, log1mp, p, u = _softmax_parts(xs, d)
-    m = _modulator_from(u, log1mp, o)
-    kappa = m * (o.gamma * p * _rho(logp, u) - 1.0) if o.gamma != 0.0 else -torch.ones_like(p)
-    if weight is not None:
-        kappa = kappa * _class_view(weight, xs.dim(), d)
-    q = _targets(xs, labels, o)
-    if q is None:
-        yk = labels.unsqueeze(d)
-        a = (o.eps / o.num_classes) * kappa
-        a = a.scatter_add(d, yk, (1.0 - o.eps) * kappa.gather(d, yk))
-    else:
-        a = kappa * q
-    return a - p * a.sum(d, keepdim=True)
+def _is_number(v: Any) -> bool:
+    return type(v) in (int, float)
 
 
-class _SoftmaxGeneralFocal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, labels, weight, valid, bad, scale, o: _Opts):  # type: ignore[override]
-        with C.no_autocast(x.device):
-            loss = _general_loss(x, labels, weight, valid, o)
-            if bad is not None:
-                loss = torch.where(bad, math.nan, loss)
-            ctx.o = o
-            ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
-            if not ctx.scale_is_tensor:
-                ctx.scale = scale
-            ctx.save_for_backward(x, labels, weight, valid, scale if ctx.scale_is_tensor else None)
-            if o.reduction == "none":
-                return loss.to(x.dtype)
-            total = loss.sum()
-            if o.reduction == "mean":
-                total = total * scale
-            return total.to(x.dtype)
+def _options(input, target, gamma, weight, ignore_index, label_smoothing, where, dim, reduction):
+    """``focal_spec.softmax_options``, cached when every option is a plain number or string (the
+    validation of a given combination of shapes, dtypes and options always gives the same answer)."""
+    where_dtype = None if where is None else (where.dtype if isinstance(where, torch.Tensor) else
+                                              torch.as_tensor(where).dtype)
+    key = None
+    if C.is_compiling():
+        # A Python number may be symbolic here (dynamic=True): it looks like a float, but reading it
+        # (math.isfinite, a dict key, int(γ)) would break the graph or specialise on its value. γ is
+        # checked with comparisons (guards, not specialisations) and handed on as Unknown.
+        if _is_number(gamma):
+            if not gamma >= 0 or gamma == math.inf:
+                raise ValueError(focal_spec.invalid_value("gamma", "a finite number >= 0, or an array of them", gamma))
+            gamma = focal_spec.Unknown(())
+    elif (_is_number(gamma) and _is_number(label_smoothing) and type(ignore_index) is int and type(dim) is int
+            and type(reduction) is str):
+        key = (tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma, C.shape_of(weight),
+               ignore_index, label_smoothing, C.shape_of(where), where_dtype, dim, reduction)
+        hit = _OPTIONS_CACHE.get(key)
+        if hit is not None:
+            return hit
+    o = focal_spec.softmax_options(
+        tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=_spec(gamma),
+        weight_shape=C.shape_of(weight), ignore_index=ignore_index, label_smoothing=_spec(label_smoothing),
+        where_shape=C.shape_of(where), axis=dim, reduction=reduction, axis_arg="dim",
+        where_dtype="bool" if where_dtype is None else where_dtype)
+    if key is not None:
+        if len(_OPTIONS_CACHE) >= _OPTIONS_CACHE_SIZE:
+            _OPTIONS_CACHE.clear()
+        _OPTIONS_CACHE[key] = o
+    return o
 
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, labels, weight, valid, scale_t = ctx.saved_tensors
-        none = (None,) * 6
-        if not ctx.needs_input_grad[0]:
-            return (None, *none)
-        o: _Opts = ctx.o
-        d = o.dim
-        scale = scale_t if ctx.scale_is_tensor else ctx.scale
-        with C.no_autocast(x.device):
-            go = grad_out.to(o.cdtype)
-            if o.reduction == "none":
-                go = go.unsqueeze(d)
-            elif o.reduction == "mean":
-                go = go * scale
-            if valid is not None:
-                go = torch.where(valid.unsqueeze(d), go, 0.0)
-            g = _general_grad(x, labels, weight, valid, o) * go
-            return g.to(x.dtype), *none
+
+def _mean(total: torch.Tensor, count: Any, process_group: Any, o: _Opts, device: torch.device) -> torch.Tensor:
+    """total / count, 0 where count is exactly 0 (whatever its sign otherwise, as ``F.cross_entropy``).
+    Differentiable in ``count`` (a weight with a gradient) unless a process group all-reduces it."""
+    if process_group is not None:
+        count = count.detach() if isinstance(count, torch.Tensor) else count
+        return total * _distributed.mean_scale(count, process_group, dtype=o.cdtype, device=device)
+    if not isinstance(count, torch.Tensor):
+        return total * (1.0 / count if count != 0 else 0.0)
+    count = count.to(o.cdtype)
+    nz = count != 0
+    return torch.where(nz, total / torch.where(nz, count, 1.0), 0.0)
+
+
+def _scale(count: Any, process_group: Any, o: _Opts, device: torch.device) -> torch.Tensor | float:
+    """1/count as the kernels take it (0 for a count of exactly 0): a float when that costs no sync."""
+    if process_group is None and isinstance(count, torch.Tensor) and _host_select(count):
+        count = float(count)
+    return _distributed.mean_scale(count, process_group, dtype=o.cdtype, device=device)
+
+
+def _wants_grad(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.requires_grad
 
 
 def softmax_focal_loss(
     input: torch.Tensor,
     target: torch.Tensor,
     *,
-    gamma: float = focal_spec.GAMMA,
+    gamma: float | torch.Tensor = focal_spec.GAMMA,
     weight: torch.Tensor | None = None,
     ignore_index: int = focal_spec.IGNORE_INDEX,
-    label_smoothing: float = focal_spec.LABEL_SMOOTHING,
+    label_smoothing: float | torch.Tensor = focal_spec.LABEL_SMOOTHING,
     where: torch.Tensor | None = None,
     dim: int = focal_spec.TORCH_CLASS_DIM,
     reduction: str = focal_spec.REDUCTION,
@@ -349,32 +423,49 @@ def softmax_focal_loss(
     distribution, per position :math:`i`:
 
     .. math::
-        \ell_i = -\sum_c w_c \, q_c \, (1-p_c)^\gamma \log p_c, \qquad
+        \ell_i = -\sum_c w_c \, q_c \, (1-p_c)^{\gamma_c} \log p_c, \qquad
         q = (1-\varepsilon)\,\mathrm{onehot}(y) + \varepsilon/C
         \ \text{(class indices)}, \quad q = (1-\varepsilon)\,t + \varepsilon/C \ \text{(probabilities)}.
 
-    For class indices without smoothing this is :math:`-w_y (1-p_y)^\gamma \log p_y`, computed
-    without a one-hot. :math:`\log(1-p_c)` is formed as :math:`\log\sum_{k\ne c} e^{x_k} - \log\sum_k
-    e^{x_k}`, so the modulator and its gradient stay finite and accurate when one class dominates.
-    With ``gamma=0`` every option combination equals ``F.cross_entropy``, in value and gradient.
+    For class indices without smoothing this is :math:`-w_y (1-p_y)^{\gamma} \log p_y`. With
+    ``gamma=0`` every option combination equals ``F.cross_entropy``, in value and gradient.
+
+    How it is computed. For integer labels, no smoothing, a known ``gamma`` and a gradient wanted for
+    ``input`` only, in eager mode: the forward is ``torch.log_softmax`` (its output is saved, as
+    ``F.cross_entropy`` saves it, and nothing larger), and since
+    :math:`\partial\ell_i/\partial x_k = \kappa_i(\delta_{k y_i} - p_k)` with one scalar
+    :math:`\kappa_i` per position, the backward is torch's log-softmax backward applied to a one-hot of
+    :math:`\kappa_i`. Where :math:`p_y > 1/2`, :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k`
+    rather than taken as :math:`1 - p_y`, so value and gradient keep full relative precision however
+    dominant the class. Everything else (probabilities, smoothing, tensor ``gamma``, gradients for
+    ``target``, ``weight`` or ``gamma``, ``torch.compile``, ``torch.func`` transforms, forward-mode
+    AD, the meta device, double backward) uses a formula of plain differentiable ops, with
+    :math:`1-p_c = \sum_{k\ne c} e^{x_k} / \sum_k e^{x_k}` (the arg-max class's sum taken without
+    it), accurate with finite derivatives of every order. Double backward through the kernels needs the
+    logits still alive (they are held by a weak reference, not saved); ``torch.func`` transforms always
+    work.
 
     Args:
-      input: logits of shape (N, C, ...) (class dim ``dim``), floating dtype. float16 and bfloat16 are
-        computed in float32 and the result is returned in ``input``'s dtype. Gradients flow to
-        ``input`` only. C = 1 is allowed (the loss is 0).
-      target: integer class indices of ``input``'s shape without the class dim, or floating class
-        probabilities of ``input``'s shape. A constant.
-      gamma: focusing parameter :math:`\gamma \ge 0`. Whole values up to 8 use multiplications only.
-      weight: per-class weights of shape (C,). A constant.
-      ignore_index: class index whose positions contribute 0 (class indices only).
-      label_smoothing: :math:`\varepsilon \in [0, 1]`.
+      input: logits of shape (N, C, ...) (class dim ``dim``), or (C,) for one position; a floating
+        ``torch.Tensor``. float16 and bfloat16 are computed in float32 and the result is returned in
+        ``input``'s dtype. C = 1 gives 0; C = 0 too, where nothing is counted.
+      target: integer class indices (any integer dtype, compared without wrapping) of ``input``'s shape
+        without the class dim, or floating class probabilities of ``input``'s shape (differentiable).
+      gamma: focusing parameter :math:`\gamma \ge 0`: a number, or a tensor of shape () or (C,)
+        (:math:`\gamma_c` applies to class c's modulator; differentiable). Whole numbers up to 8 use
+        multiplications only. Under ``torch.compile`` a 0-d tensor can change every step without a
+        recompilation.
+      weight: per-class weights of shape (C,) (differentiable).
+      ignore_index: class index whose positions contribute 0 (class indices only). A value that the
+        labels' dtype cannot hold matches nothing.
+      label_smoothing: :math:`\varepsilon \in [0, 1]`, a number or a 0-d tensor.
       where: boolean tensor broadcasting to the positions (``input``'s shape without the class dim);
         ``False`` positions contribute 0 with an exactly zero gradient, whatever they hold.
       dim: the class dim of ``input``.
       reduction: ``"none"``, ``"sum"`` or ``"mean"``. For class indices the mean divides by
-        :math:`\sum_i w_{y_i}` over counted positions (``F.cross_entropy``'s weighted mean); for
-        probabilities, by the number of counted positions. A mean over nothing is 0, not NaN (unlike
-        ``F.cross_entropy``), with zero gradients.
+        :math:`\sum_i w_{y_i}` over counted positions, whatever its sign (``F.cross_entropy``'s
+        weighted mean); for probabilities, by the number of counted positions. A denominator of
+        exactly 0 gives 0, not NaN (unlike ``F.cross_entropy``), with zero gradients.
       process_group: a ``torch.distributed`` process group. With ``reduction="mean"`` the denominator
         is all-reduced over the group (without gradient) and each rank returns
         ``world_size * local_sum / global_denominator``, so that DDP's gradient averaging gives exactly
@@ -385,14 +476,17 @@ def softmax_focal_loss(
       ``"mean"`` and ``"sum"``: a 0-d tensor of ``input``'s dtype.
 
     Raises:
-      TypeError: integer or boolean ``input``; floating ``target`` where class indices are required, or
-        a target dtype that is neither.
-      ValueError: ``gamma`` < 0 or not finite; ``label_smoothing`` outside [0, 1]; an unknown
-        ``reduction``; a ``target``, ``weight`` or ``where`` shape that does not fit; ``dim`` out of
-        range; and, in eager mode, a class index outside [0, C) that is not ``ignore_index``. That
-        last check reads the labels (on an accelerator, one host sync per call). Under
-        ``torch.compile`` it is skipped, to keep the graph whole, and such a position's loss is NaN
-        instead, never a silently wrong number.
+      TypeError: ``input`` not a tensor, or of an integer or boolean dtype; floating ``target`` where
+        class indices are required, or a target dtype that is neither; ``gamma`` not a number or
+        tensor; a ``where`` that is not boolean.
+      ValueError: ``gamma`` < 0 or not finite, or of another shape than () or (C,); ``label_smoothing``
+        outside [0, 1]; an unknown ``reduction``; a ``target``, ``weight`` or ``where`` shape that does
+        not fit; ``dim`` out of range; ``target``, ``weight`` or ``where`` on another device than
+        ``input`` (a CPU tensor may accompany accelerator logits); and, in eager mode, a class index
+        outside [0, C) that is not ``ignore_index``. That last check reads the labels (on an
+        accelerator, one host sync per call). Under ``torch.compile``, ``torch.func`` transforms and
+        on the meta device it is skipped, and such a position's loss is NaN instead, never a silently
+        wrong number.
 
     Examples:
       >>> import torch
@@ -409,49 +503,117 @@ def softmax_focal_loss(
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
-    if not isinstance(target, torch.Tensor):
-        target = torch.as_tensor(target, device=input.device)
-    o = focal_spec.softmax_options(
-        tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=gamma,
-        weight_shape=C.shape_of(weight), ignore_index=ignore_index, label_smoothing=label_smoothing,
-        where_shape=C.shape_of(where), axis=dim, reduction=reduction, axis_arg="dim")
-    cdtype = C.compute_dtype(input.dtype)
+    C.check_tensor("input", input)
     dev = input.device
+    if not isinstance(target, torch.Tensor):
+        target = torch.as_tensor(target, device=dev)
+    C.check_device("target", target, dev)
+    C.check_device("weight", weight, dev)
+    C.check_device("where", where, dev)
+    o = _options(input, target, gamma, weight, ignore_index, label_smoothing, where, dim, reduction)
+    cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # C.compute_dtype, inlined
     d = o.axis
-    positions = tuple(input.shape[:d] + input.shape[d + 1:])
-    opts = _Opts(o.gamma, o.gamma_int, o.label_smoothing, d, o.num_classes, o.reduction, cdtype)
-    weight_t = C.as_tensor(weight, dtype=cdtype, device=dev)
+    nc = o.num_classes
+    gamma_t = None  # γ as a tensor (or symbolic number) when the kernels cannot specialise on a number
+    if o.gamma is None or _wants_grad(gamma):
+        gamma_t = gamma if isinstance(gamma, (torch.Tensor, torch.SymFloat, torch.SymInt)) or _is_number(gamma) \
+            else C.as_tensor(gamma, dtype=cdtype, device=dev)
+        if isinstance(gamma_t, torch.Tensor) and gamma_t.device != dev:
+            gamma_t = gamma_t.to(dev)
+    opts = _Opts(d, nc, o.reduction, cdtype, None if gamma_t is not None else o.gamma,
+                 None if gamma_t is not None else o.gamma_int)
+    eps: Any = o.label_smoothing
+    if eps is None or _wants_grad(label_smoothing):
+        eps = label_smoothing if isinstance(label_smoothing, torch.Tensor) else \
+            torch.as_tensor(label_smoothing, dtype=cdtype, device=dev)
+    weight_t = C.as_tensor(weight, dtype=None if _wants_grad(weight) else cdtype, device=dev)
     mask = C.as_tensor(where, dtype=torch.bool, device=dev)
-    if mask is not None:
+    target = target if target.device == dev else target.to(dev)
+    positions = tuple(input.shape[:d] + input.shape[d + 1:])
+    if mask is not None and tuple(mask.shape) != positions:
         mask = torch.broadcast_to(mask, positions)
-    if target.device != dev:
-        target = target.to(dev)
-    compiling = not C.can_read_values(target)
+    transformed = _in_transform()
+    eager = not transformed and not C.is_compiling()
+    checkable = eager and dev.type != "meta" and target.device.type != "meta"  # C.can_check_values
+    smooth = (not checkable or _forward_ad_active() or _wants_grad(target) or _wants_grad(weight_t)
+              or _wants_grad(gamma_t) or _wants_grad(eps))
+
+    if o.label_kind != "index":
+        p = _Plain(labels=None, probs=target, weight=weight_t, gamma=gamma_t, eps=eps, valid=mask, bad=None)
+        loss = _plain_loss(input, p, opts)
+        count: Any = math.prod(positions) if mask is None else mask.sum()
+        return _reduce(loss, count, process_group, opts, dev, input.dtype)
+
+    y = target if target.dtype == torch.int64 else target.long()
+    info = torch.iinfo(target.dtype)
+    ii = o.ignore_index
+    ignore_possible = info.min <= ii <= info.max  # an index the dtype cannot hold matches nothing
+    in_range = True
+    if checkable and y.numel():
+        lo, hi = (int(v) for v in torch.aminmax(y))  # the label check's one read (a host sync off the CPU)
+        ignore_possible = ignore_possible and lo <= ii <= hi
+        in_range = lo >= 0 and hi < nc
+    valid = (y != ii) if ignore_possible else None
+    if mask is not None:
+        valid = mask if valid is None else valid & mask
     bad = None
-    if o.label_kind == "index":
-        y = target.long()
-        valid = y != o.ignore_index
-        if mask is not None:
-            valid = valid & mask
-        in_range = (y >= 0) & (y < o.num_classes)
-        if compiling:
-            bad = valid & ~in_range
+    if not checkable:
+        bad = (y < 0) | (y >= nc)
+        if valid is not None:
+            bad = bad & valid
+    elif not in_range:
+        _check_labels(y, valid, o)
+    all_counted = valid is None or (checkable and _host_select(y) and bool(valid.all()))
+
+    if not smooth and gamma_t is None and isinstance(eps, float) and eps == 0.0 and nc >= 2 and bad is None:
+        if all_counted:
+            ys = y
+            yk = y.unsqueeze(d)
         else:
-            out_of_range = valid & ~in_range
-            if bool(out_of_range.any()):
-                raise ValueError(focal_spec.label_out_of_range(int(y[out_of_range][0]), o.num_classes, o.ignore_index))
-        ys = torch.where(valid & in_range, y, 0)
-        count: torch.Tensor | int = valid.sum() if weight_t is None else torch.where(valid, weight_t[ys], 0.0).sum()
-        labels = ys
+            ys = torch.where(valid, y, -1)
+            yk = ys.clamp(min=0).unsqueeze(d)
+        scale: Any = 1.0
+        if o.reduction == "mean":
+            count = _index_count(ys if not all_counted else None, yk, weight_t, y.numel(), d)
+            scale = _scale(count, process_group, opts, dev)
+        return _IndexFocal.apply(input, ys, yk, weight_t, scale, opts, all_counted)
+
+    labels = y if valid is None else torch.where(valid, y, 0)
+    if bad is not None:
+        labels = torch.where((labels < 0) | (labels >= nc), 0, labels)
+    p = _Plain(labels=labels, probs=None, weight=weight_t, gamma=gamma_t, eps=eps, valid=valid, bad=bad)
+    loss = _plain_loss(input, p, opts)
+    if o.reduction != "mean":
+        return _reduce(loss, None, process_group, opts, dev, input.dtype)
+    if weight_t is None:
+        count = y.numel() if valid is None else valid.sum()
     else:
-        valid = mask
-        labels = target if target.dtype == cdtype else target.to(cdtype)
-        count = math.prod(positions) if mask is None else mask.sum()
-    scale: torch.Tensor | float = 1.0
+        wy = weight_t.to(cdtype)[labels] if nc > 0 else torch.zeros(labels.shape, dtype=cdtype, device=dev)
+        count = (wy if valid is None else torch.where(valid, wy, 0.0)).sum()
+    return _reduce(loss, count, process_group, opts, dev, input.dtype)
+
+
+def _index_count(ys, yk, weight, n, d):
+    """The mean's denominator for the kernels: counted positions, or Σ w[y] over them."""
+    if weight is None:
+        return n if ys is None else (ys >= 0).sum()
+    wy = weight[yk.squeeze(d)]
+    return wy.sum() if ys is None else torch.where(ys >= 0, wy, 0.0).sum()
+
+
+def _check_labels(y: torch.Tensor, valid: torch.Tensor | None, o: focal_spec.SoftmaxOptions) -> None:
+    """ValueError naming the first counted label outside [0, C) (eager)."""
+    out = (y < 0) | (y >= o.num_classes)
+    if valid is not None:
+        out = out & valid
+    if bool(out.any()):
+        raise ValueError(focal_spec.label_out_of_range(int(y[out][0]), o.num_classes, o.ignore_index))
+
+
+def _reduce(loss, count, process_group, o: _Opts, device, dtype):
+    if o.reduction == "none":
+        return loss.to(dtype)
+    total = loss.sum()
     if o.reduction == "mean":
-        scale = _distributed.mean_scale(count, process_group, dtype=cdtype, device=dev)
-    if o.label_kind == "index" and o.label_smoothing == 0.0:
-        ys_small = torch.where(valid if bad is None else valid & ~bad, labels, -1).to(_label_dtype(o.num_classes))
-        check_garbage = dev.type == "cpu" and not C.is_compiling()
-        return _SoftmaxIndexFocal.apply(input, ys_small, weight_t, bad, scale, opts, check_garbage)
-    return _SoftmaxGeneralFocal.apply(input, labels, weight_t, valid, bad, scale, opts)
+        total = _mean(total, count, process_group, o, device)
+    return total.to(dtype)

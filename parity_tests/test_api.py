@@ -8,7 +8,8 @@ import pytest
 
 import focal_spec
 
-TORCH_ONLY = {"SigmoidFocalLoss", "SoftmaxFocalLoss"}  # nn.Module wrappers of the functionals
+# nn.Module wrappers of the functionals
+TORCH_ONLY = {"SigmoidFocalLoss", "SoftmaxFocalLoss", "AsymmetricLoss", "QualityFocalLoss", "VarifocalLoss"}
 # Per-ecosystem names for the same thing: the class axis and the multi-device handle, and torch's
 # (input, target) positional names.
 RENAMED = {"axis": "dim", "axis_name": "process_group", "logits": "input", "targets": "target", "labels": "target"}
@@ -30,7 +31,8 @@ def _params(fn):
 
 
 @pytest.mark.parametrize("name", ["sigmoid_focal_loss", "softmax_focal_loss", "positive_normalizer",
-                                  "SegmentationFocalLoss", "ClassificationFocalLoss"])
+                                  "SegmentationFocalLoss", "ClassificationFocalLoss", "asymmetric_loss",
+                                  "quality_focal_loss", "varifocal_loss", "class_balanced_weights"])
 def test_twins_share_arguments_and_defaults(name):
     import focal_jax
     import focal_torch
@@ -68,8 +70,12 @@ def test_defaults_come_from_the_spec(name):
 def test_torch_modules_take_the_functional_arguments():
     import focal_torch
 
-    for mod, fn in (("SigmoidFocalLoss", "sigmoid_focal_loss"), ("SoftmaxFocalLoss", "softmax_focal_loss")):
+    for mod, fn in (("SigmoidFocalLoss", "sigmoid_focal_loss"), ("SoftmaxFocalLoss", "softmax_focal_loss"),
+                    ("AsymmetricLoss", "asymmetric_loss"), ("QualityFocalLoss", "quality_focal_loss"),
+                    ("VarifocalLoss", "varifocal_loss")):
         m = _params(getattr(focal_torch, mod))
         f = {n: p for n, p in _params(getattr(focal_torch, fn)).items() if n not in ("input", "target")}
-        assert list(m) == list(f)
-        assert all(m[n].default == f[n].default for n in f)
+        # the same names and defaults; the constructors keep their historical positional order, and
+        # options added later are keyword-only
+        assert set(m) == set(f), (mod, sorted(set(m) ^ set(f)))
+        assert all(m[n].default == f[n].default for n in f), mod

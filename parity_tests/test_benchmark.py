@@ -1,7 +1,8 @@
-"""The benchmark's ``--quick`` run is a correctness smoke test: every case runs, every number is sane.
+"""The benchmark's ``--smoke`` run: every case and implementation is timed, every number is sane, every
+correctness check runs and passes, and a broken implementation makes the run fail.
 
-Timings are not gated here (tiny sizes on a shared machine say nothing about speed); the targets are
-only checked to be reported.
+Timings are not gated here (tiny sizes on a shared machine say nothing about speed). The GPU case list
+runs at tiny sizes on the CPU, so the code path of ``--device cuda`` (bandwidth against a copy) runs too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import math
 import pathlib
 
+import numpy as np
 import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
@@ -24,80 +26,208 @@ def load_benchmark():
     return module
 
 
-def expected_rows() -> set[tuple[str, str, str]]:
-    sigmoid = {
-        "jax": ["ours", "optax.sigmoid_focal_loss", "optax.sigmoid_binary_cross_entropy"],
-        "torch": ["ours", "torchvision formula", "F.binary_cross_entropy_with_logits"]
-        + (["kornia.binary_focal_loss_with_logits"] if HAS_KORNIA else []),
-    }
-    softmax = {
-        "jax": ["ours", "optax.softmax_cross_entropy_with_integer_labels"],
-        "torch": ["ours", "F.cross_entropy"] + (["kornia.focal_loss"] if HAS_KORNIA else []),
-    }
-    cases = {"sigmoid-2^20": sigmoid, "sigmoid-2^23": sigmoid,
-             "softmax-segmentation": softmax, "softmax-1000-classes": softmax}
-    return {(backend, case, impl) for case, impls in cases.items() for backend, names in impls.items()
-            for impl in names}
+BENCH = load_benchmark()
+TORCHVISION_FORMULA = BENCH.torchvision_formula
+
+
+def expected_impls(backend: str, kind: str) -> set[str]:
+    if backend == "torch":
+        peers = {"sigmoid": ["torchvision formula"], "softmax": ["naive formula"]}[kind]
+        peers += [BENCH.KORNIA[kind]] if HAS_KORNIA else []
+        return {"ours", BENCH.TORCH_CE[kind], "copy", *peers}
+    peer = {"sigmoid": "optax.sigmoid_focal_loss", "softmax": "naive formula"}[kind]
+    return {"ours", BENCH.JAX_CE[kind], "copy", peer}
+
+
+def expected_traffic(kind: str, backend: str, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(focal loss, copy) bytes: forward reads logits and targets, backward reads them again and writes
+    the gradient; a copy reads and writes the logits."""
+    logits = 4 * math.prod(shape)
+    if kind == "sigmoid":
+        targets = logits  # float32 0/1 targets
+    else:
+        positions = math.prod(shape) // shape[1]
+        targets = positions * (8 if backend == "torch" else 4)  # int64 labels in torch, int32 in JAX
+    return 2 * (logits + targets) + logits, 2 * logits
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("benchmark") / "b.json"
-    returned = load_benchmark().main(["--quick", "--json", str(path)])
+def smoke(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("benchmark")
+    path, markdown = folder / "smoke.json", folder / "smoke.md"
+    returned = BENCH.main(["--smoke", "--json", str(path), "--markdown", str(markdown)])
     assert path.is_file(), "--json did not write its file"
-    return json.loads(path.read_text()), returned
+    result = json.loads(path.read_text())
+    result["markdown"] = markdown.read_text()
+    return result, returned
 
 
-def test_every_case_is_timed_and_measured(quick_run):
-    result, _ = quick_run
-    rows = {(r["backend"], r["case"], r["impl"]): r for r in result["rows"]}
-    assert set(rows) == expected_rows()
-    for key, row in rows.items():
-        assert len(row["times_ms"]) == result["repeats"] >= 1, key
-        assert all(math.isfinite(t) and t > 0 for t in row["times_ms"]), key
-        assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0, key
-        assert isinstance(row["memory_bytes"], int) and row["memory_bytes"] > 0, key
-        assert row["memory_kind"] == ("temp_size_in_bytes" if key[0] == "jax" else "saved_for_backward_bytes")
-        assert math.isfinite(row["ratio_ce"]) and row["ratio_ce"] > 0, key
-        assert math.isfinite(row["memory_ratio_ce"]) and row["memory_ratio_ce"] > 0, key
+def test_smoke_runs_both_case_lists_at_tiny_sizes(smoke):
+    result, returned = smoke
+    assert returned["passed"] is True and result["passed"] is True
+    assert result["smoke"] is True and result["suite"] == "all" and result["sizes"] == "tiny"
+    ran = {(r["case"], tuple(r["shape"])) for r in result["rows"]}
+    assert ran == {(case.id, case.tiny) for case in BENCH.CASES}
+    assert {case.suite for case in BENCH.CASES} == {"cpu", "gpu"}
 
 
-def test_cross_entropy_ratios_are_one(quick_run):
-    result, _ = quick_run
+def test_every_implementation_is_timed(smoke):
+    result, _ = smoke
+    for case in BENCH.CASES:
+        for backend in ("torch", "jax"):
+            impls = {r["impl"] for r in result["rows"] if r["case"] == case.id and r["backend"] == backend}
+            assert impls == expected_impls(backend, case.kind), (case.id, backend)
     for row in result["rows"]:
-        if row["role"] == "ce":
-            assert row["ratio_ce"] == 1.0 and row["memory_ratio_ce"] == 1.0, row["impl"]
+        where = (row["case"], row["backend"], row["impl"])
+        assert row["rounds"] == result["rounds"] == len(row["times_s"]) >= 1, where
+        assert all(math.isfinite(t) and t > 0 for t in row["times_s"]), where
+        assert row["min_s"] == min(row["times_s"]) and row["median_s"] >= row["min_s"], where
+        assert isinstance(row["calls_per_timing"], int) and row["calls_per_timing"] >= 1, where
 
 
-def test_torch_cross_entropy_saves_what_autograd_is_known_to_save(quick_run):
-    """BCE-with-logits keeps its two inputs: a check of the saved-bytes counter itself."""
-    result, _ = quick_run
+def test_ratios_are_taken_against_the_framework_cross_entropy(smoke):
+    result, _ = smoke
     for row in result["rows"]:
-        if row["backend"] == "torch" and row["impl"] == "F.binary_cross_entropy_with_logits":
-            assert row["memory_bytes"] == 2 * row["input_bytes"], row["case"]
+        group = {r["impl"]: r for r in result["rows"] if r["case"] == row["case"] and r["backend"] == row["backend"]}
+        ce = group[(BENCH.TORCH_CE if row["backend"] == "torch" else BENCH.JAX_CE)[row["kind"]]]
+        assert row["vs_ce"] == pytest.approx(row["min_s"] / ce["min_s"], rel=1e-12), row["impl"]
+        assert row["vs_ce_median"] == pytest.approx(row["median_s"] / ce["median_s"], rel=1e-12), row["impl"]
+        peers = [r for r in group.values() if r["role"] == "peer"]
+        best = min(peers, key=lambda r: r["min_s"])
+        assert row["best_peer"] == best["impl"]
+        assert row["vs_best_peer"] == pytest.approx(row["min_s"] / best["min_s"], rel=1e-12), row["impl"]
 
 
-def test_correctness_checks_ran_and_passed(quick_run):
-    result, _ = quick_run
-    checks = result["checks"]
-    ran = {(c["backend"], c["case"], c["check"]) for c in checks}
-    for case in ("sigmoid-2^20", "sigmoid-2^23", "softmax-segmentation", "softmax-1000-classes"):
-        for backend in ("jax", "torch", "jax/torch"):
-            assert any(b == backend and c == case for b, c, _ in ran), f"no {backend} check for {case}"
-        assert ("jax", case, "ours vs optax.sigmoid_focal_loss") in ran or case.startswith("softmax")
-        assert ("torch", case, "ours vs torchvision formula") in ran or case.startswith("softmax")
-    for check in checks:
-        assert check["passed"], check
+def test_bandwidth_is_minimal_traffic_over_time_against_a_copy(smoke):
+    result, _ = smoke
+    for row in result["rows"]:
+        focal, copy = expected_traffic(row["kind"], row["backend"], tuple(row["shape"]))
+        assert row["traffic_bytes"] == (copy if row["role"] == "copy" else focal), (row["case"], row["impl"])
+        assert row["gbps"] == pytest.approx(row["traffic_bytes"] / row["min_s"] / 1e9, rel=1e-12)
+        copy_row = next(r for r in result["rows"]
+                        if r["case"] == row["case"] and r["backend"] == row["backend"] and r["role"] == "copy")
+        assert row["of_copy"] == pytest.approx(row["gbps"] / copy_row["gbps"], rel=1e-12)
+
+
+def test_memory_counters(smoke):
+    result, _ = smoke
+    for row in result["rows"]:
+        if row["role"] == "copy":
+            assert row["memory_bytes"] is None
+            continue
+        assert isinstance(row["memory_bytes"], int) and row["memory_bytes"] >= 0, (row["case"], row["impl"])
+        if row["impl"] == "F.binary_cross_entropy_with_logits":  # it keeps its two inputs
+            assert row["memory_bytes"] == 2 * 4 * math.prod(row["shape"]), row["case"]
+
+
+def test_correctness_checks_ran_and_passed(smoke):
+    result, _ = smoke
+    ran = {(c["backend"], c["case"], c["check"]) for c in result["checks"]}
+    for case in BENCH.CASES:
+        for backend in ("torch", "jax"):
+            assert (backend, case.id, "ours vs float64 reference") in ran, (backend, case.id)
+            ce = (BENCH.TORCH_CE if backend == "torch" else BENCH.JAX_CE)[case.kind]
+            assert any(b == backend and c == case.id and name.startswith("ours(gamma=0") and name.endswith(ce)
+                       for b, c, name in ran), (backend, case.id)
+            for impl in expected_impls(backend, case.kind) - {"ours", "copy", ce}:
+                assert any(b == backend and c == case.id and name.startswith(f"ours vs {impl}")
+                           for b, c, name in ran), (backend, case.id, impl)
+        assert ("jax/torch", case.id, "ours: JAX vs PyTorch") in ran
+    for check in result["checks"]:
+        assert check["passed"] and check["finite"], check
         assert check["value_rel_err"] <= check["rtol"] and check["grad_rel_err"] <= check["rtol"], check
 
 
-def test_targets_are_reported_but_not_gated(quick_run):
-    result, returned = quick_run
-    assert result["quick"] is True and returned["quick"] is True
-    assert result["targets"], "no target was checked"
-    seen = {(t["backend"], t["target"].split(" / ")[0]) for t in result["targets"]}
-    assert {("jax", "time"), ("jax", "memory"), ("torch", "time"), ("torch", "memory"),
-            ("torch", "saved for backward")} <= seen
+def test_targets_are_reported_but_not_meaningful_at_smoke_sizes(smoke):
+    result, _ = smoke
+    reported = {(t["case"], t["target"]) for t in result["targets"]}
+    assert reported == {(t.case, f"ours / {t.against}") for t in BENCH.TARGETS}
     for target in result["targets"]:
-        assert target["timing_gate"] is False
+        assert target["meaningful"] is False
         assert math.isfinite(target["value"]) and target["value"] > 0, target
+        assert target["met"] == (target["value"] < target["limit"] if target["comparison"] == "<"
+                                 else target["value"] <= target["limit"])
+    for row in result["rows"]:
+        if row["targets"]:
+            assert row["impl"] == "ours" and row["backend"] == "torch"
+            assert row["met"] == all(t["met"] for t in row["targets"])
+
+
+def test_header_describes_the_run(smoke):
+    result, _ = smoke
+    env = result["environment"]
+    for key in ("date", "command", "source", "cpu_model", "cpu_count", "torch", "jax", "optax", "numpy"):
+        assert env.get(key), key
+    assert env["command"].startswith("python examples/benchmark.py --smoke --json ")
+
+
+def test_markdown_table_has_one_line_per_case_and_framework(smoke):
+    result, _ = smoke
+    lines = result["markdown"].splitlines()
+    assert lines[0].startswith("| case | framework | ours |") and set(lines[1]) <= set("|-:")
+    body = [line.split(" | ") for line in lines[2:]]
+    assert {(cells[0].lstrip("| "), cells[1]) for cells in body} == {
+        (case.id, backend) for case in BENCH.CASES for backend in ("torch", "jax")}
+    assert len(body) == 2 * len(BENCH.CASES)
+
+
+# A plausible defect in one implementation must make the run fail: exit status 1 and a failed check.
+
+
+def torchvision_without_alpha(x, t, gamma, alpha):
+    return TORCHVISION_FORMULA(x, t, gamma, None)
+
+
+def naive_with_p_for_one_minus_p(x, y, gamma):
+    import torch.nn.functional as F
+
+    lpy = F.log_softmax(x, 1).gather(1, y[:, None]).squeeze(1)
+    return -(lpy.exp() ** gamma * lpy).mean()
+
+
+@pytest.mark.parametrize("attribute, broken, case, check", [
+    ("torchvision_formula", torchvision_without_alpha, "sigmoid-8x4-g2", "ours vs torchvision formula"),
+    ("naive_softmax_focal", naive_with_p_for_one_minus_p, "softmax-256x10-g2", "ours vs naive formula"),
+], ids=["torchvision-formula-without-alpha", "naive-formula-p-for-1-p"])
+def test_a_broken_peer_fails_the_run(tmp_path, monkeypatch, attribute, broken, case, check):
+    monkeypatch.setattr(BENCH, attribute, broken)
+    path = tmp_path / "broken.json"
+    assert BENCH.cli(["--smoke", "--only", "torch", "--cases", case, "--rounds", "1", "--json", str(path)]) == 1
+    failed = [c["check"] for c in json.loads(path.read_text())["checks"] if not c["passed"]]
+    assert failed == [check]
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_a_wrong_gamma_in_ours_fails_the_run(tmp_path, monkeypatch, backend):
+    module = pytest.importorskip(f"focal_{backend}")
+    right = module.softmax_focal_loss
+    monkeypatch.setattr(module, "softmax_focal_loss", lambda *a, gamma, **k: right(*a, gamma=gamma + 1.0, **k))
+    path = tmp_path / "broken.json"
+    assert BENCH.cli(["--smoke", "--only", backend, "--cases", "softmax-8x4-g2", "--rounds", "1",
+                      "--json", str(path)]) == 1
+    failed = {c["check"] for c in json.loads(path.read_text())["checks"] if not c["passed"]}
+    assert "ours vs float64 reference" in failed and "ours vs naive formula" in failed
+
+
+def test_float32_gradient_error_is_measured_against_the_scale_of_the_reference():
+    """The check's error measure: max |a - b| / max |b|, NaN counted as an infinite error."""
+    b = np.array([1.0, -4.0, 2.0], np.float32)
+    assert BENCH.rel_err(b, b) == 0.0
+    assert BENCH.rel_err(b + np.float32(1e-3), b) == pytest.approx(1e-3 / 4.0, rel=1e-3)
+    assert BENCH.rel_err(np.array([1.0, np.nan, 2.0]), b) == math.inf
+    assert BENCH.rel_err(b, np.array([1.0, np.nan, 2.0])) == math.inf
+    big = np.ones(5 << 22, np.float32)  # more than one chunk; the difference sits in the last one
+    other = big.copy()
+    other[-1] = 1.5
+    assert BENCH.rel_err(other, big) == 0.5
+
+
+def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit) as exit_info:
+        BENCH.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda" in capsys.readouterr().err

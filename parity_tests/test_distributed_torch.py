@@ -1,16 +1,23 @@
 """torch.distributed: ``process_group=`` makes DDP's averaged gradients those of the global-batch mean.
 
-Two processes (gloo, loopback, CPU) each hold half of a batch, with deliberately unequal numbers of
-ignored or masked positions. A small model is wrapped in DistributedDataParallel; after backward its
-parameter gradients must equal those of the same model trained in one process on the whole batch.
-Without ``process_group`` each rank normalizes by its own count, and the gradients differ.
-All runs happen in one spawn (a module fixture); the tests below only read its results.
+Two processes (gloo, CPU) each hold half of a batch, with deliberately unequal numbers of ignored or
+masked positions. A small model is wrapped in DistributedDataParallel; after backward its parameter
+gradients must equal those of the same model trained in one process on the whole batch. Without
+``process_group`` each rank normalizes by its own count, and the gradients differ. RetinaNet's
+``positive_normalizer`` is checked the same way, also with fewer positives than ranks (one positive in
+the global batch, and none). All runs happen in one spawn (a module fixture); the tests below only read
+its results.
+
+Teardown is ordered so that no rank can abort at exit: the ranks rendezvous through a file store (no TCP
+port to pick, race for or reuse), every DDP wrapper (which holds the process group through its reducer)
+is released and collected inside the run, a barrier makes sure that every rank has finished every
+collective, and only then is the process group destroyed, while the interpreter is still fully alive.
 """
 
 from __future__ import annotations
 
+import gc
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -21,10 +28,11 @@ torch = pytest.importorskip("torch")
 
 WORLD = 2
 ROWS = 8  # rows per rank
-CASES = ("sigmoid-where", "softmax-ignore", "softmax-ignore-weight", "sigmoid-sum-over-positives")
+CASES = ("sigmoid-where", "softmax-ignore", "softmax-ignore-weight", "sigmoid-sum-over-positives",
+         "sigmoid-sum-over-one-positive", "sigmoid-sum-over-no-positive")
 
 
-def _data():
+def _data() -> dict[str, torch.Tensor]:
     """The global batch. Rank 0 ignores or masks few positions, rank 1 many."""
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(WORLD * ROWS, 5, generator=g)
@@ -36,7 +44,10 @@ def _data():
     mask[0, 0] = False  # rank 0: one masked element
     mask[8:15, :2] = False  # rank 1: fourteen
     targets[~mask] = float("nan")  # masked targets are never read
-    return feats, targets, labels, mask
+    one = torch.zeros(WORLD * ROWS, 3)
+    one[2, 1] = 1.0  # a single positive in the global batch, on rank 0: fewer positives than ranks
+    return {"feats": feats, "targets": targets, "labels": labels, "mask": mask, "one": one,
+            "none": torch.zeros(WORLD * ROWS, 3)}
 
 
 def _model():
@@ -44,66 +55,91 @@ def _model():
     return torch.nn.Linear(5, 3)
 
 
-def _loss(case, logits, targets, labels, mask, group):
+def _loss(case, logits, d, group):
+    """The loss of ``case``, and the normalizer it divides by (None for a mean)."""
     import focal_torch
 
     if case == "sigmoid-where":
-        return focal_torch.sigmoid_focal_loss(logits, targets, alpha=0.25, where=mask, process_group=group)
+        return focal_torch.sigmoid_focal_loss(logits, d["targets"], alpha=0.25, where=d["mask"],
+                                              process_group=group), None
     if case == "softmax-ignore":
-        return focal_torch.softmax_focal_loss(logits, labels, gamma=2.0, process_group=group)
+        return focal_torch.softmax_focal_loss(logits, d["labels"], gamma=2.0, process_group=group), None
     if case == "softmax-ignore-weight":
         weight = torch.tensor([0.5, 2.0, 1.0])
-        return focal_torch.softmax_focal_loss(logits, labels, gamma=1.5, weight=weight, process_group=group)
+        return focal_torch.softmax_focal_loss(logits, d["labels"], gamma=1.5, weight=weight,
+                                              process_group=group), None
     # RetinaNet normalization: the sum of the loss over the global number of positives.
-    total = focal_torch.sigmoid_focal_loss(logits, targets, where=mask, reduction="sum")
-    return total / focal_torch.positive_normalizer(targets, where=mask, process_group=group)
+    if case == "sigmoid-sum-over-positives":
+        t, where = d["targets"], d["mask"]
+    else:
+        t, where = d["one" if case == "sigmoid-sum-over-one-positive" else "none"], None
+    total = focal_torch.sigmoid_focal_loss(logits, t, where=where, reduction="sum")
+    norm = focal_torch.positive_normalizer(t, where=where, process_group=group)
+    return total / norm, norm
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _run_cases(rank: int) -> dict:
+    """Every case with and without the process group. The DDP wrappers live only in this frame."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    rows = slice(rank * ROWS, (rank + 1) * ROWS)
+    local = {k: v[rows] for k, v in _data().items()}
+    results = {}
+    for case in CASES:
+        for use_group in (True, False):
+            model = _model()
+            ddp = DistributedDataParallel(model)
+            loss, norm = _loss(case, ddp(local["feats"]), local, dist.group.WORLD if use_group else None)
+            loss.backward()
+            value = loss.detach().clone()
+            dist.all_reduce(value)  # the mean over ranks of what each returned
+            results[f"{case}-{use_group}"] = ([p.grad.clone() for p in model.parameters()], value / WORLD,
+                                              None if norm is None else norm.clone())
+            del ddp, model, loss
+    return results
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        feats, targets, labels, mask = _data()
-        rows = slice(rank * ROWS, (rank + 1) * ROWS)
-        results = {}
-        for case in CASES:
-            for use_group in (True, False):
-                model = _model()
-                ddp = DistributedDataParallel(model)
-                loss = _loss(case, ddp(feats[rows]), targets[rows], labels[rows], mask[rows],
-                             dist.group.WORLD if use_group else None)
-                loss.backward()
-                value = loss.detach().clone()
-                dist.all_reduce(value)  # the mean over ranks of what each returned
-                results[f"{case}-{use_group}"] = ([p.grad.clone() for p in model.parameters()], value / WORLD)
+        results = _run_cases(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        gc.collect()  # the reducers of the DDP wrappers hold the process group: release them first
+        dist.barrier()  # no rank tears down while another is still inside a collective
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spawn(out_dir: str) -> None:
+    """One run of both ranks, writing ``rank{r}.pt`` under ``out_dir``."""
+    import torch.multiprocessing as mp
+
+    store = os.path.join(out_dir, "store")
+    mp.spawn(_worker, args=(store, out_dir), nprocs=WORLD, join=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn(str(out))
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
-    feats, targets, labels, mask = _data()
+    d = _data()
     single = {}
     for case in CASES:
         model = _model()
-        loss = _loss(case, model(feats), targets, labels, mask, None)
+        logits = model(d["feats"])
+        logits.retain_grad()
+        loss, norm = _loss(case, logits, d, None)
         loss.backward()
-        single[case] = ([p.grad.clone() for p in model.parameters()], loss.detach())
+        # the parameter gradients are sums over rows of terms of both signs: their condition scale is the
+        # sum of the terms' magnitudes, Σ_i |dL/dlogit_i| |feature_i| (weight) and Σ_i |dL/dlogit_i| (bias)
+        g = logits.grad.abs().double()
+        scale = np.concatenate([(g.T @ d["feats"].abs().double()).numpy().ravel(), g.sum(0).numpy()])
+        single[case] = ([p.grad.clone() for p in model.parameters()], loss.detach(), norm, scale)
     return ranks, single
 
 
@@ -115,13 +151,27 @@ def _grads(grads):
 def test_ddp_gradients_equal_the_single_process_global_mean(runs, case):
     ranks, single = runs
     for rank in range(WORLD):
-        H.assert_close(_grads(ranks[rank][f"{case}-True"][0]), _grads(single[case][0]), "float32", f"rank {rank}")
+        H.assert_close(_grads(ranks[rank][f"{case}-True"][0]), _grads(single[case][0]), "float32", f"rank {rank}",
+                       scale=single[case][3])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_ddp_returned_values_average_to_the_global_mean(runs, case):
     ranks, single = runs
-    H.assert_close(ranks[0][f"{case}-True"][1], single[case][1], "float32")
+    for rank in range(WORLD):
+        H.assert_close(ranks[rank][f"{case}-True"][1], single[case][1], "float32", f"rank {rank}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "sum-over" in c])
+def test_ddp_positive_normalizer_is_the_global_count_over_the_world_size(runs, case):
+    """Each rank's normalizer is max(global positives, 1) / world size, also with fewer positives than
+    ranks: one positive (global count 1) and none (count 0, clamped to 1)."""
+    ranks, single = runs
+    expected = {"sigmoid-sum-over-one-positive": 1.0, "sigmoid-sum-over-no-positive": 1.0}.get(case)
+    if expected is not None:
+        assert float(single[case][2]) == expected
+    for rank in range(WORLD):
+        assert float(ranks[rank][f"{case}-True"][2]) * WORLD == float(single[case][2]), rank
 
 
 @pytest.mark.parametrize("case", CASES)

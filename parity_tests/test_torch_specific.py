@@ -75,8 +75,14 @@ def test_compile_fullgraph_equals_eager(case):
     compiled = torch.compile(fn, fullgraph=True)
     ev, eg = _value_and_grad(fn, x, y)
     cv, cg = _value_and_grad(compiled, x, y)
-    H.assert_close(cv, ev, "float32", "value")
-    H.assert_close(cg, eg, "float32", "gradient")
+    # compiled and eager kernels round differently: each is held to the contract on the row's scale (a
+    # softmax gradient with probabilities is a difference of terms), so they are within twice of each other
+    e_v, e_g = (np.asarray(torch.as_tensor(a).detach().double()) for a in (ev, eg))
+    H.assert_close(cv, ev, "float32", "value", scale=2 * np.abs(e_v))
+    g_scale = np.abs(e_g)
+    if "probs" in case:  # a softmax gradient with probabilities is a difference of terms: its row's scale
+        g_scale = np.maximum(g_scale, np.abs(e_g).max(axis=1, keepdims=True))
+    H.assert_close(cg, eg, "float32", "gradient", scale=2 * g_scale)
     if case.startswith("softmax-index"):
         # Eager mode reads the labels and raises; a compiled graph cannot, so that position's loss is NaN.
         bad = y.clone()
@@ -157,14 +163,25 @@ def test_sigmoid_hessian_is_finite_at_extreme_logits(gamma, dtype):
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_sigmoid_gamma0_gradient_is_bit_identical_to_bce(reduction):
+def test_sigmoid_gamma0_gradient_equals_bce(reduction):
+    """γ = 0 is F.binary_cross_entropy_with_logits: equal in float64 (where F.bce's own σ(x) - t is exact to
+    rounding), and in float32 within the precision contract of the float64 reference (F.bce itself forms
+    σ(x) - t, which cancels at saturated logits: ours does not)."""
     ft = _ft()
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(300, generator=g) * 5
-    t = torch.rand(300, generator=g)
-    _, ours = _value_and_grad(lambda z: ft.sigmoid_focal_loss(z, t, gamma=0.0, reduction=reduction), x)
-    _, bce = _value_and_grad(lambda z: F.binary_cross_entropy_with_logits(z, t, reduction=reduction), x)
-    assert torch.equal(ours, bce)
+    x = (torch.randn(300, generator=g) * 5).double()
+    t = torch.rand(300, generator=g).double()
+    v, ours = _value_and_grad(lambda z: ft.sigmoid_focal_loss(z, t, gamma=0.0, reduction=reduction), x)
+    bv, bce = _value_and_grad(lambda z: F.binary_cross_entropy_with_logits(z, t, reduction=reduction), x)
+    torch.testing.assert_close(v, bv, rtol=1e-13, atol=0)
+    torch.testing.assert_close(ours, bce, rtol=1e-12, atol=1e-15)
+    v32, g32 = _value_and_grad(lambda z: ft.sigmoid_focal_loss(z, t.float(), gamma=0.0, reduction=reduction),
+                               x.float())
+    ref_v, ref_g = reference.sigmoid_focal_loss(x.float().double().numpy(), t.float().double().numpy(), gamma=0.0,
+                                                reduction=reduction)
+    np.testing.assert_allclose(v32.double().numpy(), ref_v, rtol=2e-6)
+    scale = np.abs(ref_g) + np.abs(torch.sigmoid(x.float().double()).numpy()) * (1 if reduction != "mean" else 1 / 300)
+    assert np.all(np.abs(g32.double().numpy() - ref_g) <= 2e-6 * scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -430,9 +447,15 @@ def test_original_logits_false_with_weights_warns_once(module):
 
 def test_classification_index_teacher_out_of_range_raises():
     ft = _ft()
-    msg = focal_spec.label_out_of_range(3, 3, -100)
+    msg = focal_spec.label_out_of_range(3, 3, None)  # the original modules have no ignore_index
+    for logits in (True, False):
+        with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
+            ft.ClassificationFocalLoss(3, logits=logits)(torch.zeros(2, 3), torch.tensor([0, 3]))
+    msg = focal_spec.label_out_of_range(-100, 3, None)  # -100 is a class index like any other here
     with pytest.raises(ValueError, match="^" + re.escape(msg) + "$"):
-        ft.ClassificationFocalLoss(3)(torch.zeros(2, 3), torch.tensor([0, 3]))
+        ft.ClassificationFocalLoss(3, logits=False)(torch.zeros(2, 3), torch.tensor([0, -100]))
+    with pytest.raises(ValueError, match="n_classes=3"):
+        ft.ClassificationFocalLoss(3)(torch.zeros(2, 4), torch.tensor([0, 1]))
 
 
 @pytest.mark.parametrize("labels", ["index", "index-none", "probs"])

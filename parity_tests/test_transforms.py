@@ -20,8 +20,11 @@ def test_jit_equals_eager(loss, case):
     inp = (H.sigmoid_inputs if loss == "sigmoid" else H.softmax_inputs)(case)
     ev, eg = H.run_jax(loss, inp)
     jv, jg = H.run_jax(loss, inp, transform="jit")
-    H.assert_close(jv, ev, case["dtype"], "value")
-    H.assert_close(jg, eg, case["dtype"], "gradient")
+    # jit and eager may round differently; each meets the contract, so they are within twice of each other,
+    # on the condition scales of the quantity (a soft-label gradient is a difference of terms)
+    exp = H.expected(loss, inp)
+    H.Expected(ev, eg, exp.value_scale, exp.grad_scale, exp.grad_scale_ref).check(
+        jv, jg, case["dtype"], "jit vs eager", factor=2.0)
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
