@@ -151,7 +151,7 @@ class FamilyOptions:
 
     loss: str  # "asymmetric", "quality_focal" or "varifocal"
     params: tuple[tuple[str, float], ...]  # the loss's hyperparameters, by name
-    label_smoothing: float
+    label_smoothing: float | None  # None when traced (0-d, not range-checked)
     reduction: str
     compute_dtype: str
     logits_dtype: str
