@@ -47,6 +47,7 @@ from focal_spec._options import (
     TORCH_CLASS_DIM,
 )
 from focal_spec._validate import (
+    GAMMA_EXPECTED,
     OriginalOptions,
     SigmoidOptions,
     SoftmaxOptions,
@@ -76,6 +77,7 @@ from focal_spec._validate import (
 from focal_spec._variants import FLSD_53, FamilyOptions, GammaSchedule, class_balanced_weights, family_options
 
 __all__ = [
+    "GAMMA_EXPECTED",
     "FLSD_53", "FamilyOptions", "GammaSchedule", "class_balanced_weights", "family_options", "variants",
     "ALPHA", "FLOAT_DTYPES", "GAMMA", "HALF_DTYPES", "IGNORE_INDEX", "JAX_CLASS_AXIS", "LABEL_SMOOTHING",
     "ORIGINAL_CLASS_AXIS", "REDUCTION", "REDUCTIONS", "TORCH_CLASS_DIM", "OriginalOptions", "SigmoidOptions",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -97,8 +98,10 @@ def can_check_values(t: torch.Tensor) -> bool:
 def spec_value(value: Any) -> Any:
     """What :mod:`focal_spec`'s checks see of an option: host values as they are; a tensor whose values
     can be read for free (:func:`can_read_values`) as NumPy data; any other tensor (an accelerator's, a
-    fake one under ``torch.compile``, a ``torch.func``-wrapped one) or a symbolic number as
-    ``focal_spec.Unknown(shape)``, checked by shape only."""
+    fake one under ``torch.compile``, a ``torch.func``-wrapped one) as ``focal_spec.Unknown(shape)``,
+    checked by shape only. Under ``torch.compile`` a Python number is ``Unknown(())`` too: with
+    ``dynamic=True`` it is symbolic (so that a changing value does not recompile), and reading it
+    (``math.isfinite``, ``float``) would specialise on it or break the graph."""
     if isinstance(value, torch.Tensor):
         if can_read_values(value):
             v = value.detach()
@@ -107,7 +110,18 @@ def spec_value(value: Any) -> Any:
         return focal_spec.Unknown(tuple(value.shape))
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return focal_spec.Unknown(())
+    if is_compiling() and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return focal_spec.Unknown(())
     return value
+
+
+def spec_gamma(gamma: Any) -> Any:
+    """:func:`spec_value` of ``gamma``. Under ``torch.compile`` a Python number is still checked, with
+    comparisons (graph guards, not specialisations): a negative or infinite γ raises there too."""
+    if is_compiling() and type(gamma) in (int, float) and not (gamma >= 0 and gamma != math.inf):
+        # the value itself is symbolic: it cannot be formatted into the message while tracing
+        raise ValueError(focal_spec.invalid_value("gamma", focal_spec.GAMMA_EXPECTED, "a negative or infinite number"))
+    return spec_value(gamma)
 
 
 def check_device(arg: str, value: Any, device: torch.device) -> None:

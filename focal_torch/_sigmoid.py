@@ -642,15 +642,6 @@ def _check_targets(target: torch.Tensor, mask: torch.Tensor | None, shape) -> No
         raise ValueError(focal_spec.targets_out_of_range(float(t[bad].reshape(-1)[0])))
 
 
-def _spec(value: Any) -> Any:
-    """:func:`C.spec_value`, and under ``torch.compile`` any number as ``Unknown(())``: a float argument of a
-    compiled function is symbolic there (so that a changing gamma does not recompile), and symbolic numbers
-    cannot be checked while tracing."""
-    if C.is_compiling() and isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return focal_spec.Unknown(())
-    return C.spec_value(value)
-
-
 def _where_dtype(where: Any) -> Any:
     if where is None:
         return "bool"
@@ -769,8 +760,8 @@ def sigmoid_focal_loss(
                         ("pos_weight", pos_weight), ("where", where)):
         C.check_device(name, value, dev)
     o = _options(
-        tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=_spec(gamma),
-        alpha=_spec(alpha), weight_shape=C.shape_of(weight), label_smoothing=_spec(label_smoothing),
+        tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=C.spec_gamma(gamma),
+        alpha=C.spec_value(alpha), weight_shape=C.shape_of(weight), label_smoothing=C.spec_value(label_smoothing),
         where_shape=C.shape_of(where), reduction=reduction, where_dtype=_where_dtype(where),
         pos_weight_shape=C.shape_of(pos_weight))
     cdtype = C.compute_dtype(input.dtype)

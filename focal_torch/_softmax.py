@@ -24,19 +24,6 @@ class _Opts(NamedTuple):
     gamma_int: int | None  # whole γ up to 8: multiplications only
 
 
-def _in_transform() -> bool:
-    """Whether a ``torch.func`` transform is running: then even a plain tensor's ops (``detach()``,
-    ``item()``) go through it, so no value is read and the smooth formula is used."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
-def _spec(value: Any) -> Any:
-    """What the spec's checks see of an option (``C.spec_value``), by shape only inside a transform."""
-    if isinstance(value, torch.Tensor) and _in_transform():
-        return focal_spec.Unknown(tuple(value.shape))
-    return C.spec_value(value)
-
-
 def _no_autocast(device: torch.device) -> Any:
     """``C.no_autocast``, entered only where autocast is on (entering costs as much as a small kernel)."""
     if device.type in ("cpu", "cuda") and not torch.is_autocast_enabled(device.type):
@@ -353,24 +340,17 @@ def _options(input, target, gamma, weight, ignore_index, label_smoothing, where,
     where_dtype = None if where is None else (where.dtype if isinstance(where, torch.Tensor) else
                                               torch.as_tensor(where).dtype)
     key = None
-    if C.is_compiling():
-        # A Python number may be symbolic here (dynamic=True): it looks like a float, but reading it
-        # (math.isfinite, a dict key, int(γ)) would break the graph or specialise on its value. γ is
-        # checked with comparisons (guards, not specialisations) and handed on as Unknown.
-        if _is_number(gamma):
-            if not gamma >= 0 or gamma == math.inf:
-                raise ValueError(focal_spec.invalid_value("gamma", "a finite number >= 0, or an array of them", gamma))
-            gamma = focal_spec.Unknown(())
-    elif (_is_number(gamma) and _is_number(label_smoothing) and type(ignore_index) is int and type(dim) is int
-            and type(reduction) is str):
+    # under torch.compile numbers may be symbolic: no cache key; C.spec_gamma / C.spec_value do not read them
+    if (not C.is_compiling() and _is_number(gamma) and _is_number(label_smoothing) and type(ignore_index) is int
+            and type(dim) is int and type(reduction) is str):
         key = (tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma, C.shape_of(weight),
                ignore_index, label_smoothing, C.shape_of(where), where_dtype, dim, reduction)
         hit = _OPTIONS_CACHE.get(key)
         if hit is not None:
             return hit
     o = focal_spec.softmax_options(
-        tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=_spec(gamma),
-        weight_shape=C.shape_of(weight), ignore_index=ignore_index, label_smoothing=_spec(label_smoothing),
+        tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=C.spec_gamma(gamma),
+        weight_shape=C.shape_of(weight), ignore_index=ignore_index, label_smoothing=C.spec_value(label_smoothing),
         where_shape=C.shape_of(where), axis=dim, reduction=reduction, axis_arg="dim",
         where_dtype="bool" if where_dtype is None else where_dtype)
     if key is not None:
@@ -532,7 +512,7 @@ def softmax_focal_loss(
     positions = tuple(input.shape[:d] + input.shape[d + 1:])
     if mask is not None and tuple(mask.shape) != positions:
         mask = torch.broadcast_to(mask, positions)
-    transformed = _in_transform()
+    transformed = C.in_func_transform()
     eager = not transformed and not C.is_compiling()
     checkable = eager and dev.type != "meta" and target.device.type != "meta"  # C.can_check_values
     smooth = (not checkable or _forward_ad_active() or _wants_grad(target) or _wants_grad(weight_t)
