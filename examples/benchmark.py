@@ -10,6 +10,9 @@ softmax) and gives the same values to every implementation of the case:
 - JAX: ours (``focal_jax``), ``optax.sigmoid_binary_cross_entropy`` /
   ``optax.softmax_cross_entropy_with_integer_labels`` (mean), ``optax.sigmoid_focal_loss``, the naive
   softmax formula, and a jitted copy.
+- Focal family cases, in both frameworks: ours (``asymmetric_loss`` on multi-hot targets,
+  ``quality_focal_loss`` on soft IoU-like targets) against the formula as timm (ASL) or mmdetection
+  (QFL) writes it, written out here, and the binary cross-entropy; their targets hold in both.
 
 Before timing, implementations with equal semantics are compared in value and gradient: ours with the
 float64 reference of ``focal_spec`` (where it is affordable), ours with every focal peer, ours at γ=0 with
@@ -63,13 +66,20 @@ GAMMA = 2.0
 ALPHA = 0.25  # sigmoid cases: RetinaNet's class balance, given to every sigmoid focal implementation
 SEED = 0
 POSITIVE_RATE = 0.5
+# Focal family cases: "asl" (asymmetric loss, Case.gamma is its γ₋) and "qfl" (quality focal loss, Case.gamma
+# is its β), float32 logits as above and float32 targets of their own kind.
+ASL_GAMMA_POS, ASL_CLIP = 0.0, 0.05  # the asymmetric loss's defaults (with γ₋ = 4)
+ASL_EPS = 1e-8  # timm clamps probabilities at this before its logarithms
+ASL_POSITIVE_RATE = 0.01  # multi-hot targets: about 1% of the (image, class) pairs are positive
+QFL_POSITIVE_RATE = 0.01  # soft targets: 0, but an IoU-like score in QFL_SCORES at about 1% of the elements
+QFL_SCORES = (0.1, 1.0)
 
 
 class Case(NamedTuple):
     """One benchmark case: ``shape`` is the full size, ``tiny`` the size of ``--sizes tiny`` / ``--smoke``."""
 
     id: str
-    kind: str  # "sigmoid" or "softmax"
+    kind: str  # "sigmoid" or "softmax" (or a focal family loss: "asl", "qfl")
     shape: tuple[int, ...]  # softmax: (N, C, ...), class dim 1 as PyTorch takes it
     tiny: tuple[int, ...]
     gamma: float = GAMMA
@@ -87,6 +97,8 @@ CASES: tuple[Case, ...] = (
     Case("softmax-8x21x128x128-g0.5", "softmax", (8, 21, 128, 128), (2, 5, 8, 8), gamma=0.5),
     Case("softmax-4096x1000-g2", "softmax", (4096, 1000), (16, 100)),
     Case("softmax-4096x1000-g0.5", "softmax", (4096, 1000), (16, 100), gamma=0.5),
+    Case("asl-256x9605-g4", "asl", (256, 9605), (16, 96), gamma=4.0),  # Open Images' 9605 classes
+    Case("qfl-8192x1024-b2", "qfl", (8192, 1024), (64, 64), gamma=2.0),  # 2^23 scores, as a RetinaNet head
     # Accelerator sizes: 2^24 and 2^28 elements.
     Case("sigmoid-16384x1024-g2", "sigmoid", (16384, 1024), (32, 64), suite="gpu"),
     Case("sigmoid-262144x1024-g2", "sigmoid", (262144, 1024), (64, 64), suite="gpu"),
@@ -102,16 +114,24 @@ JAX_CE = {"sigmoid": "optax.sigmoid_binary_cross_entropy", "softmax": "optax.sof
 NAIVE = "naive formula"
 TORCHVISION = "torchvision formula"
 KORNIA = {"sigmoid": "kornia.binary_focal_loss_with_logits", "softmax": "kornia.focal_loss"}
+TIMM_ASL = "timm ASL formula"
+MMDET_QFL = "mmdet QFL formula"
+for _kind in ("asl", "qfl"):  # the family's cross-entropy is the binary one
+    TORCH_CE[_kind], JAX_CE[_kind] = TORCH_CE["sigmoid"], JAX_CE["sigmoid"]
+# What "ours" is compared with the framework's cross-entropy at: the exponents that make it that.
+GAMMA0_LABEL = {"sigmoid": "gamma=0, alpha=None", "softmax": "gamma=0", "asl": "gamma_pos=gamma_neg=0, clip=0",
+                "qfl": "beta=0"}
 
 
 class Target(NamedTuple):
-    """ours / ``against`` (ratio of minimum times, PyTorch, CPU suite at full size) must be <= ``limit``
+    """ours / ``against`` (ratio of minimum times in ``backend``, CPU suite at full size) must be <= ``limit``
     (< ``limit`` when ``strict``)."""
 
     case: str
     against: str
     limit: float
     strict: bool = False
+    backend: str = "torch"
 
 
 TARGETS: tuple[Target, ...] = (
@@ -127,6 +147,10 @@ TARGETS: tuple[Target, ...] = (
     Target("sigmoid-8x4-g2", "F.binary_cross_entropy_with_logits", 2.0),
     Target("softmax-8x4-g2", "F.cross_entropy", 2.0),
     Target("sigmoid-8192x1024-g2", "F.binary_cross_entropy_with_logits", 0.75),
+    # the focal family: no slower than the formula as its reference implementation writes it, in both frameworks
+    *(Target(case, peer, 1.0, backend=backend) for case, peer in (("asl-256x9605-g4", TIMM_ASL),
+                                                                    ("qfl-8192x1024-b2", MMDET_QFL))
+      for backend in ("torch", "jax")),
 )
 
 # Agreement of two float32 implementations with equal semantics, or of ours with the float64 reference:
@@ -159,6 +183,11 @@ def make_inputs(kind: str, shape: tuple[int, ...], seed: int) -> tuple[np.ndarra
     rng = np.random.default_rng(seed)
     logits = rng.standard_normal(shape, dtype=np.float32)
     logits *= 2.0
+    if kind == "asl":  # multi-hot
+        return logits, (rng.random(shape, dtype=np.float32) < ASL_POSITIVE_RATE).astype(np.float32)
+    if kind == "qfl":  # mostly 0, an IoU-like score here and there
+        scores = rng.uniform(*QFL_SCORES, size=shape).astype(np.float32)
+        return logits, np.where(rng.random(shape, dtype=np.float32) < QFL_POSITIVE_RATE, scores, np.float32(0.0))
     if kind == "sigmoid":
         targets = (rng.random(shape, dtype=np.float32) < POSITIVE_RATE).astype(np.float32)
     else:
@@ -207,6 +236,15 @@ def reference_result(case: Case, logits: np.ndarray, targets: np.ndarray) -> tup
         return None
     if case.kind == "sigmoid":
         value, grad = reference.sigmoid_focal_loss(logits, targets, gamma=case.gamma, alpha=ALPHA, reduction="mean")
+    elif case.kind == "asl":
+        from focal_spec import variants
+
+        value, grad = variants.asymmetric_loss(logits, targets, gamma_pos=ASL_GAMMA_POS, gamma_neg=case.gamma,
+                                               clip=ASL_CLIP, reduction="mean")
+    elif case.kind == "qfl":
+        from focal_spec import variants
+
+        value, grad = variants.quality_focal_loss(logits, targets, beta=case.gamma, reduction="mean")
     else:
         value, grad = reference.softmax_focal_loss(logits, targets, gamma=case.gamma, axis=1, reduction="mean")
     return float(value), grad
@@ -239,6 +277,39 @@ def naive_softmax_focal(x, y, gamma: float):
     lp = F.log_softmax(x, 1)
     lpy = lp.gather(1, y[:, None]).squeeze(1)
     return -((1 - lpy.exp()) ** gamma * lpy).mean()
+
+
+def timm_asl_formula(x, y, gamma_pos: float, gamma_neg: float, clip: float, eps: float = ASL_EPS):
+    """The asymmetric loss as timm writes it, mean-reduced: the negatives' probability 1 - σ(x) raised by the
+    clip and capped at 1, both probabilities floored at eps inside the logarithms, one pow of 1 - p_t with a
+    per-element exponent (γ₊ at positives, γ₋ at negatives), and the negated sum (here over the element count).
+
+    Where σ(x) > eps the floor changes nothing and it has ours' semantics; make_inputs' logits (N(0, 2²) at
+    these sizes never reach |x| = 18.4, nine standard deviations) keep it there, so the check against ours is
+    held to CHECK_RTOL. What differs is float32 rounding: 1 - σ(x) formed by subtraction, about 2e-6 of the
+    gradient's largest element at 2.5M elements."""
+    import torch
+
+    p = torch.sigmoid(x)
+    p_neg = (1 - p + clip).clamp(max=1) if clip > 0 else 1 - p
+    log_lik = y * torch.log(p.clamp(min=eps)) + (1 - y) * torch.log(p_neg.clamp(min=eps))
+    p_t = p * y + p_neg * (1 - y)
+    return -(log_lik * torch.pow(1 - p_t, gamma_pos * y + gamma_neg * (1 - y))).sum() / x.numel()
+
+
+def mmdet_qfl_formula(x, score, beta: float):
+    """The quality focal loss as mmdetection writes it, on a dense score target, mean-reduced: every element
+    first as a negative, BCE with logits against 0 times σ(x)^β, then the positives (score > 0, located with
+    nonzero) overwritten by BCE against their score times |score - σ(x)|^β."""
+    import torch
+    import torch.nn.functional as F
+
+    s = torch.sigmoid(x)
+    loss = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none") * s.pow(beta)
+    pos = torch.nonzero(score > 0, as_tuple=True)
+    pos_loss = (F.binary_cross_entropy_with_logits(x[pos], score[pos], reduction="none")
+                * (score[pos] - s[pos]).abs().pow(beta))
+    return loss.index_put(pos, pos_loss).mean()
 
 
 def saved_for_backward_bytes(loss_fn: Callable[[], Any]) -> int:
@@ -286,6 +357,23 @@ def torch_impls(case: Case, logits: np.ndarray, targets: np.ndarray, device: str
         }
         ours_gamma0 = lambda: focal_torch.sigmoid_focal_loss(x, t, gamma=0.0, alpha=None)
         kornia_scale = 1.0
+    elif case.kind == "asl":
+        losses = {
+            "ours": (OURS, lambda: focal_torch.asymmetric_loss(x, t, gamma_pos=ASL_GAMMA_POS, gamma_neg=g,
+                                                               clip=ASL_CLIP)),
+            TIMM_ASL: (PEER, lambda: timm_asl_formula(x, t, ASL_GAMMA_POS, g, ASL_CLIP)),
+            TORCH_CE["asl"]: (CE, lambda: F.binary_cross_entropy_with_logits(x, t)),
+        }
+        ours_gamma0 = lambda: focal_torch.asymmetric_loss(x, t, gamma_pos=0.0, gamma_neg=0.0, clip=0.0)
+        kornia_scale = 1.0
+    elif case.kind == "qfl":
+        losses = {
+            "ours": (OURS, lambda: focal_torch.quality_focal_loss(x, t, beta=g)),
+            MMDET_QFL: (PEER, lambda: mmdet_qfl_formula(x, t, g)),
+            TORCH_CE["qfl"]: (CE, lambda: F.binary_cross_entropy_with_logits(x, t)),
+        }
+        ours_gamma0 = lambda: focal_torch.quality_focal_loss(x, t, beta=0.0)
+        kornia_scale = 1.0
     else:
         losses = {
             "ours": (OURS, lambda: focal_torch.softmax_focal_loss(x, t, gamma=g)),
@@ -296,7 +384,7 @@ def torch_impls(case: Case, logits: np.ndarray, targets: np.ndarray, device: str
         ours_gamma0 = lambda: focal_torch.softmax_focal_loss(x, t, gamma=0.0)
         kornia_scale = float(logits.shape[1])  # kornia's mean divides by C times the positions
     if kornia_losses is None:
-        losses.pop(KORNIA[case.kind])
+        losses.pop(KORNIA.get(case.kind), None)
 
     def step(fn):
         loss = fn()
@@ -318,7 +406,7 @@ def torch_impls(case: Case, logits: np.ndarray, targets: np.ndarray, device: str
             scale = kornia_scale if name == KORNIA["softmax"] else 1.0
             compare(checks, "torch", case.id, f"ours vs {name}" + (" x C" if scale != 1.0 else ""), ours,
                     results[name], scale=scale)
-    label = "gamma=0" + (", alpha=None" if case.kind == "sigmoid" else "")
+    label = GAMMA0_LABEL[case.kind]
     compare(checks, "torch", case.id, f"ours({label}) vs {TORCH_CE[case.kind]}", evaluate(ours_gamma0),
             results[TORCH_CE[case.kind]])
 
@@ -337,6 +425,30 @@ def torch_impls(case: Case, logits: np.ndarray, targets: np.ndarray, device: str
 # ------------------------------------------------------------------------------------------------
 # JAX
 # ------------------------------------------------------------------------------------------------
+
+
+def timm_asl_formula_jax(x, y, gamma_pos: float, gamma_neg: float, clip: float, eps: float = ASL_EPS):
+    """:func:`timm_asl_formula` in jnp."""
+    import jax
+    import jax.numpy as jnp
+
+    p = jax.nn.sigmoid(x)
+    p_neg = jnp.minimum(1 - p + clip, 1.0) if clip > 0 else 1 - p
+    log_lik = y * jnp.log(jnp.maximum(p, eps)) + (1 - y) * jnp.log(jnp.maximum(p_neg, eps))
+    p_t = p * y + p_neg * (1 - y)
+    return -jnp.sum(log_lik * jnp.power(1 - p_t, gamma_pos * y + gamma_neg * (1 - y))) / x.size
+
+
+def mmdet_qfl_formula_jax(x, score, beta: float):
+    """:func:`mmdet_qfl_formula` in jnp, where a select of the two cases replaces nonzero and index_put."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    s = jax.nn.sigmoid(x)
+    neg = optax.sigmoid_binary_cross_entropy(x, jnp.zeros_like(x)) * s**beta
+    pos = optax.sigmoid_binary_cross_entropy(x, score) * jnp.abs(score - s) ** beta
+    return jnp.mean(jnp.where(score > 0, pos, neg))
 
 
 def jax_device(device: str):
@@ -368,6 +480,23 @@ def jax_impls(case: Case, logits: np.ndarray, targets: np.ndarray, device: Any, 
             JAX_CE["sigmoid"]: (CE, lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean()),
         }
         ours_gamma0 = lambda x, t: focal_jax.sigmoid_focal_loss(x, t, gamma=0.0, alpha=None)
+    elif case.kind == "asl":
+        x_host, t_host = logits, targets
+        losses = {
+            "ours": (OURS, lambda x, t: focal_jax.asymmetric_loss(x, t, gamma_pos=ASL_GAMMA_POS, gamma_neg=g,
+                                                                  clip=ASL_CLIP)),
+            TIMM_ASL: (PEER, lambda x, t: timm_asl_formula_jax(x, t, ASL_GAMMA_POS, g, ASL_CLIP)),
+            JAX_CE["asl"]: (CE, lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean()),
+        }
+        ours_gamma0 = lambda x, t: focal_jax.asymmetric_loss(x, t, gamma_pos=0.0, gamma_neg=0.0, clip=0.0)
+    elif case.kind == "qfl":
+        x_host, t_host = logits, targets
+        losses = {
+            "ours": (OURS, lambda x, t: focal_jax.quality_focal_loss(x, t, beta=g)),
+            MMDET_QFL: (PEER, lambda x, t: mmdet_qfl_formula_jax(x, t, g)),
+            JAX_CE["qfl"]: (CE, lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean()),
+        }
+        ours_gamma0 = lambda x, t: focal_jax.quality_focal_loss(x, t, beta=0.0)
     else:
         x_host = np.ascontiguousarray(np.moveaxis(logits, 1, -1))  # channels-last, as optax
         t_host = targets.astype(np.int32)
@@ -405,7 +534,7 @@ def jax_impls(case: Case, logits: np.ndarray, targets: np.ndarray, device: Any, 
     for name, (role, _) in losses.items():
         if role == PEER:
             compare(checks, "jax", case.id, f"ours vs {name}", ours, results[name])
-    label = "gamma=0" + (", alpha=None" if case.kind == "sigmoid" else "")
+    label = GAMMA0_LABEL[case.kind]
     compare(checks, "jax", case.id, f"ours({label}) vs {JAX_CE[case.kind]}", evaluate(compile_step(ours_gamma0)),
             results[JAX_CE[case.kind]])
 
@@ -501,13 +630,13 @@ def evaluate_targets(rows: list[dict], full_size_cpu: bool) -> list[dict]:
     """Every target whose case ran; ``meaningful`` is False unless the run is the CPU suite at full size."""
     out = []
     for target in TARGETS:
-        in_case = {r["impl"]: r for r in rows if r["case"] == target.case and r["backend"] == "torch"}
+        in_case = {r["impl"]: r for r in rows if r["case"] == target.case and r["backend"] == target.backend}
         if "ours" not in in_case:
             continue
         against = in_case.get(target.against)
         value = in_case["ours"]["min_s"] / against["min_s"] if against else None
         met = None if value is None else (value < target.limit if target.strict else value <= target.limit)
-        record = {"case": target.case, "backend": "torch", "target": f"ours / {target.against}",
+        record = {"case": target.case, "backend": target.backend, "target": f"ours / {target.against}",
                   "limit": target.limit, "comparison": "<" if target.strict else "<=", "value": value, "met": met,
                   "meaningful": full_size_cpu}
         out.append(record)
@@ -744,12 +873,13 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     if targets:
         meaningful = targets[0]["meaningful"]
-        print("targets (torch, ratio of minimum times)" +
+        print("targets (ratio of minimum times)" +
               ("" if meaningful else ": reported only, these sizes or this device are not the targets' own") + ":")
         for t in targets:
             status = "n/a" if t["met"] is None else ("MET" if t["met"] else "NOT MET")
             value = f"{t['value']:.3f}x" if t["value"] is not None else "-"
-            print(f"  {status:8s} {t['case']:27s} {t['target']:42s} {value:>8s} {t['comparison']} {t['limit']:g}x")
+            print(f"  {status:8s} {t['case']:27s} {t['backend']:5s} {t['target']:42s} {value:>8s} {t['comparison']} "
+                  f"{t['limit']:g}x")
         met = sum(bool(t["met"]) for t in targets)
         print(f"{met}/{len(targets)} targets met")
     print(f"{len(checks) - len(failed)}/{len(checks)} correctness checks passed; "

@@ -4,22 +4,29 @@ Every variant is one elementwise formula of a sanitized logit x and target t (se
 :mod:`focal_spec._variants` for the definitions). Everything else is shared by :func:`_family_loss`:
 validation by :func:`focal_spec.family_options`, the compute dtype, masking before any math, the
 out-of-range target rule, label smoothing, ``weight`` and the reduction. Adding a variant means
-writing its elementwise formula and a public function that names its options.
+writing its elementwise formula and a public function that names its options. :func:`focal_variant`
+is the elementwise formula of :func:`focal_jax.sigmoid_focal_loss`'s own options (``poly1``,
+``reduced_threshold``, a :class:`focal_spec.GammaSchedule`, and the modulator ``normalized`` divides by).
 
 The formulas are written for plain autodiff: every quantity is built from e = exp(-|x|) with smooth
 one-sided pieces, each power is a product or ``exp(k · log u)`` of a log-space ``u``, and every
 branch that a ``where`` leaves unselected is itself finite, so values, gradients and Hessians stay
-finite at any logit and for any exponent, 0 and fractional ones included.
+finite at any logit and for any exponent, 0 and fractional ones included. ASL and QFL give their
+derivatives in closed form (a ``custom_jvp``, itself written the same way, so ``grad``, ``jacfwd``,
+``hessian`` and ``vmap`` still apply), recomputed by the backward pass under ``jax.checkpoint``.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 import focal_spec
 from focal_jax import _common, _distributed
@@ -59,44 +66,218 @@ def _power(u: jax.Array, log_u: Callable[[], jax.Array], k: float) -> jax.Array 
     return jnp.exp(k * log_u())
 
 
-def _cross_entropy(p: _Sigmoid, t: jax.Array) -> jax.Array:
-    """-t log σ(x) - (1-t) log σ(-x): two non-negative terms for t in [0, 1]."""
-    return t * p.sp_neg + (1.0 - t) * p.sp_pos
+def _cross_entropy(p: _Sigmoid, t: jax.Array, pw: jax.Array | None = None) -> jax.Array:
+    """-π t log σ(x) - (1-t) log σ(-x): two non-negative terms for t in [0, 1] (π = ``pw``, 1 when None)."""
+    return (t if pw is None else pw * t) * p.sp_neg + (1.0 - t) * p.sp_pos
+
+
+def _log_sided(p: _Sigmoid, t: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """log u for a u that is σ(-x) at t = 1 and σ(x) at t = 0 (1 - p_t, or |t - σ(x)|): -softplus(±x) at
+    hard targets (smooth at any logit), log u floored at the smallest normal number elsewhere. Also returns
+    u as that soft branch sees it (1 at hard targets)."""
+    one, zero = t == 1, t == 0
+    soft_u = jnp.where(one | zero, 1.0, u)
+    log_u = jnp.where(one, -p.sp_pos, jnp.where(zero, -p.sp_neg, jnp.log(jnp.maximum(soft_u, _common.tiny(u.dtype)))))
+    return log_u, soft_u
+
+
+# ----------------------------------------------------------------------------------------
+# ASL and QFL with closed-form derivatives. One function of (x, t) gives the elementwise loss and
+# its partial derivatives in x and t; ``_closed_form`` makes these its JVP, and ``jax.checkpoint``
+# has the backward pass recompute them from x and t. Under jit the forward pass is then one fused
+# reduction and the backward pass one fused loop, instead of the many intermediates that autodiff
+# of the formula writes out. The derivatives are built like the formulas (smooth pieces, finite
+# unselected branches), so forward mode, Hessians and vmap differentiate them in turn. Notation:
+# s = σ(x), s̄ = σ(-x), a = softplus(-x) = -log s, b = softplus(x) = -log s̄.
+# ----------------------------------------------------------------------------------------
+
+
+@jax.custom_jvp
+def _logistic(x: jax.Array) -> jax.Array:
+    """σ(x) = 1 / (1 + e^-x), a few ulps from exact at any logit; its derivative σ(x) σ(-x) is formed from
+    both sides (autodiff of the formula gives σ(x)(1 - σ(x)), which cancels for a large x)."""
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+@_logistic.defjvp
+def _logistic_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (dx,) = primals, tangents
+    s = _logistic(x)
+    return s, s * _logistic(-x) * dx
+
+
+def _sides(x: jax.Array) -> _Sigmoid:
+    """s, s̄, a, b from two sigmoids and one logarithm: log(1 + e^-|x|) = -log1p(-min(s, s̄)), then
+    a = that + max(-x, 0) and b = that + max(x, 0), sums of terms >= 0."""
+    s, sn = _logistic(x), _logistic(-x)
+    lg = -jnp.log1p(-jnp.minimum(s, sn))
+    return _Sigmoid(s, sn, lg + jnp.maximum(-x, 0.0), lg + jnp.maximum(x, 0.0))
+
+
+_Parts = tuple[jax.Array, jax.Array, jax.Array]  # (ℓ, ∂ℓ/∂x, ∂ℓ/∂t), elementwise
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _closed_form(parts: Callable[[jax.Array, jax.Array], _Parts], x: jax.Array, t: jax.Array) -> jax.Array:
+    return parts(x, t)[0]
+
+
+def _closed_form_jvp(parts: Callable[[jax.Array, jax.Array], _Parts], primals: tuple[jax.Array, jax.Array],
+                     tangents: tuple[Any, Any]) -> tuple[jax.Array, jax.Array]:
+    x, t = primals
+    dx, dt = tangents
+    value, d_x, d_t = parts(x, t)
+    out = None if isinstance(dx, SymbolicZero) else d_x * dx
+    if not isinstance(dt, SymbolicZero):
+        out = d_t * dt if out is None else out + d_t * dt
+    return value, jnp.zeros_like(value) if out is None else out
+
+
+_closed_form.defjvp(_closed_form_jvp, symbolic_zeros=True)
+
+
+def _fused(parts: Callable[..., _Parts], x: jax.Array, t: jax.Array, **params: float) -> jax.Array:
+    """The loss of ``parts`` with its closed-form derivatives, recomputed in the backward pass."""
+    return jax.checkpoint(functools.partial(_closed_form, functools.partial(parts, **params)))(x, t)
+
+
+def _whole(k: float) -> int | None:
+    """A whole exponent up to 8 (computed by products), else None."""
+    return int(k) if float(k).is_integer() and 0 <= k <= 8 else None
+
+
+def _asymmetric_parts(x: jax.Array, t: jax.Array, *, gamma_pos: float, gamma_neg: float, clip: float) -> _Parts:
+    """ℓ = t pos + (1-t) neg and its derivatives, with
+    pos = s̄^γ₊ a,  ∂pos/∂x = -s̄^γ₊ (γ₊ s a + s̄);
+    neg = p_m^γ₋ ν, p_m = max(s - m, 0), ν = -log(1 - p_m),  ∂neg/∂x = s s̄ p_m^(γ₋-1) (γ₋ ν + p_m / (1 - p_m))
+    (m = 0: neg = s^γ₋ b, ∂neg/∂x = s^γ₋ (γ₋ s̄ b + s))."""
+    s, sn, a, b = _sides(x)
+    if gamma_pos == 0.0:
+        pos, d_pos = a, -sn
+    else:
+        mp = _power(sn, lambda: -b, gamma_pos)
+        pos, d_pos = mp * a, -mp * (gamma_pos * s * a + sn)
+    if clip == 0.0:
+        ms = _power(s, lambda: -a, gamma_neg)
+        neg, d_neg = ms * b, ms * (gamma_neg * sn * b + s)
+    else:
+        active = s > clip
+        pm = jnp.maximum(s - clip, 0.0)
+        nu = -jnp.log1p(-pm)  # 1 - p_m is exact, and >= 1/2 below p_m = 1/2; >= m everywhere
+        if gamma_neg == 0.0:
+            neg, d_neg = nu, jnp.where(active, s * sn / (1.0 - pm), 0.0)
+        else:
+            k = _whole(gamma_neg)
+            if k is not None:
+                m1 = _common.power(pm, k - 1)
+            else:  # p_m^(γ₋-1) in log space, 0 where the margin is inactive (where log sees 1)
+                m1 = jnp.where(active, jnp.exp((gamma_neg - 1.0) * jnp.log(jnp.where(active, pm, 1.0))), 0.0)
+            neg, d_neg = m1 * pm * nu, s * sn * m1 * (gamma_neg * nu + pm / (1.0 - pm))
+    return t * pos + (1.0 - t) * neg, t * d_pos + (1.0 - t) * d_neg, pos - neg
+
+
+def _quality_focal_parts(x: jax.Array, t: jax.Array, *, beta: float) -> _Parts:
+    """ℓ = |d|^β ce with d = t - s = t s̄ - (1-t) s and ce = t a + (1-t) b:
+    ∂ℓ/∂x = -(β |d|^(β-1) sign(d) s s̄ ce + |d|^β d)  (two terms of one sign),
+    ∂ℓ/∂t = β |d|^(β-1) sign(d) (s + s̄) ce - |d|^β x."""
+    s, sn, a, b = _sides(x)
+    d = t * sn - (1.0 - t) * s
+    ce = t * a + (1.0 - t) * b
+    if beta == 0.0:
+        return ce, -d, -x
+    k = _whole(beta)
+    if k == 1:
+        mod, d_mod = jnp.abs(d), jnp.sign(d)
+    elif k is not None:  # even powers of d itself, odd ones of |d|
+        u = d if k % 2 == 0 else jnp.abs(d)
+        mod, d_mod = _common.power(u, k), k * d * _common.power(u, k - 2)
+    else:
+        # log|d|: -softplus(±x) for hard targets (smooth at any logit); for soft ones log|d| floored at the
+        # smallest normal number, and |d|^β = 0 with a zero derivative where d = 0
+        one, zero = t == 1, t == 0
+        soft = jnp.where(one | zero, 1.0, jnp.abs(d))
+        log_d = jnp.where(one, -b, jnp.where(zero, -a, jnp.log(jnp.maximum(soft, _common.tiny(d.dtype)))))
+        live = soft != 0
+        mod = jnp.where(live, jnp.exp(beta * log_d), 0.0)
+        d_mod = jnp.where(live, beta * jnp.sign(d) * jnp.exp((beta - 1.0) * log_d), 0.0)
+    return mod * ce, -(d_mod * s * sn * ce + mod * d), d_mod * (s + sn) * ce - mod * x
 
 
 def _asymmetric(x: jax.Array, t: jax.Array, *, gamma_pos: float, gamma_neg: float, clip: float) -> jax.Array:
     """t σ(-x)^γ₊ (-log σ(x)) + (1-t) p_m^γ₋ (-log(1-p_m)), p_m = max(σ(x) - m, 0)."""
-    p = _sigmoid(x)
-    pos = _power(p.sn, lambda: -p.sp_pos, gamma_pos) * p.sp_neg
-    if clip == 0.0:
-        neg = _power(p.s, lambda: -p.sp_neg, gamma_neg) * p.sp_pos
-    else:
-        active = p.s > clip
-        pm = jnp.where(active, p.s - clip, 0.5)  # 0.5 keeps both logarithms below finite where inactive
-        # -log(1 - p_m): log1p for a small p_m, and the sum σ(-x) + m (never a difference) for a large one
-        nll = jnp.where(pm < 0.5, -jnp.log1p(-pm), -jnp.log(p.sn + clip))
-        neg = jnp.where(active, _power(pm, lambda: jnp.log(pm), gamma_neg) * nll, 0.0)
-    return t * pos + (1.0 - t) * neg
+    return _fused(_asymmetric_parts, x, t, gamma_pos=gamma_pos, gamma_neg=gamma_neg, clip=clip)
 
 
 def _quality_focal(x: jax.Array, t: jax.Array, *, beta: float) -> jax.Array:
     """|t - σ(x)|^β ce(x, t), with t - σ(x) = t σ(-x) - (1-t) σ(x) (exact for hard targets)."""
-    p = _sigmoid(x)
-    d = jnp.abs(t * p.sn - (1.0 - t) * p.s)
-    if beta == 0.0 or float(beta).is_integer() and beta <= 8:
-        return _power(d, lambda: d, beta) * _cross_entropy(p, t)
-    # log|d|: -softplus(±x) for hard targets (smooth at any logit); for soft ones log|d| floored at the
-    # smallest normal number, and |d|^β = 0 where d = 0. The soft branch sees |d| = 1 at hard targets.
-    one, zero = t == 1, t == 0
-    soft_d = jnp.where(one | zero, 1.0, d)
-    log_d = jnp.where(one, -p.sp_pos, jnp.where(zero, -p.sp_neg, jnp.log(jnp.maximum(soft_d, _common.tiny(d.dtype)))))
-    return jnp.where(soft_d == 0, 0.0, jnp.exp(beta * log_d)) * _cross_entropy(p, t)
+    return _fused(_quality_focal_parts, x, t, beta=beta)
 
 
 def _varifocal(x: jax.Array, t: jax.Array, *, alpha: float, gamma: float) -> jax.Array:
     """ce(x, q) · (q where q > 0, else α σ(x)^γ)."""
     p = _sigmoid(x)
     return jnp.where(t > 0, t, alpha * _power(p.s, lambda: -p.sp_neg, gamma)) * _cross_entropy(p, t)
+
+
+# ----------------------------------------------------------------------------------------
+# The focal loss's own variants (Poly-1, reduced, sample-dependent γ, and the modulator that the
+# normalized loss divides by), for ``focal_jax.sigmoid_focal_loss``'s options.
+# ----------------------------------------------------------------------------------------
+
+
+class _Scheduled(NamedTuple):
+    """A :class:`focal_spec.GammaSchedule` picked per element: ``above[i]`` is p_t >= thresholds[i]
+    (1 - p_t <= 1 - thresholds[i])."""
+
+    above: tuple[jax.Array, ...]
+    values: tuple[float, ...]
+
+
+def _focal_power(u: jax.Array, log_u: jax.Array, gamma: float | jax.Array | _Scheduled,
+                 extra: float = 0.0) -> jax.Array | float:
+    """u^(γ + extra) for a Python number γ (as :func:`_power`), a per-element schedule (one :func:`_power` per
+    value, selected: every branch is finite), or an array γ (exp((γ + extra) log u), 1 where γ + extra = 0)."""
+    if isinstance(gamma, _Scheduled):
+        out = _power(u, lambda: log_u, gamma.values[0] + extra)
+        for above, v in zip(gamma.above, gamma.values[1:], strict=True):
+            out = jnp.where(above, _power(u, lambda: log_u, v + extra), out)
+        return out
+    if isinstance(gamma, float):
+        return _power(u, lambda: log_u, gamma + extra)
+    return jnp.exp((gamma + extra) * log_u)
+
+
+def focal_variant(x: jax.Array, t: jax.Array, *, pw: jax.Array | None,
+                  gamma: float | jax.Array | focal_spec.GammaSchedule, poly1: float,
+                  reduced_threshold: float | None) -> tuple[jax.Array, jax.Array]:
+    """The unscaled elementwise focal loss with the options of :mod:`focal_spec._variants`, and its modulator:
+    (m · ce + ε₁ (1-p_t)^(γ+1), m).
+
+    m = (1-p_t)^γ, or with a reduced threshold th, 1 where p_t < th and ((1-p_t)/th)^γ elsewhere. γ is a
+    Python number, an array broadcasting to ``x``, or a :class:`focal_spec.GammaSchedule`, evaluated on the
+    detached p_t. 1 - p_t = t σ(-x) + (1-t) σ(x) is a sum of non-negative terms, log(1-p_t) is a
+    log-sigmoid at hard targets, and the branch a threshold discards is 1, so values, gradients and
+    Hessians are finite at any logit. A comparison p_t < th is made as 1 - p_t > 1 - th, on that sum, so
+    that it holds wherever 1 - p_t has not underflowed (th = 1 is the cross-entropy at |x| = 80 too).
+    """
+    p = _sigmoid(x)
+    q = t * p.sn + (1.0 - t) * p.s
+    log_q, _ = _log_sided(p, t, q)
+    q_d = jax.lax.stop_gradient(q)
+    if isinstance(gamma, focal_spec.GammaSchedule):
+        gamma = _Scheduled(tuple(q_d <= 1.0 - th for th in gamma.thresholds), gamma.values)
+    if reduced_threshold is None:
+        m = _focal_power(q, log_q, gamma)
+    else:
+        below = q_d > 1.0 - reduced_threshold
+        u = jnp.where(below, 1.0, q / reduced_threshold)
+        log_u = jnp.where(below, 0.0, log_q - math.log(reduced_threshold))
+        m = jnp.where(below, 1.0, _focal_power(u, log_u, gamma))
+    m = jnp.broadcast_to(m, x.shape)
+    loss = m * _cross_entropy(p, t, pw)
+    if poly1:
+        loss = loss + poly1 * _focal_power(q, log_q, gamma, 1.0)
+    return loss, m
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,14 +307,18 @@ def _family_loss(loss: str, term: Callable[..., jax.Array], logits: jax.typing.A
         t = jnp.where(mask, t, jnp.zeros_like(t))
         scale = mask.astype(cdt) if scale is None else jnp.where(mask, scale, jnp.zeros_like(scale))
         count = jnp.sum(mask, dtype=cdt)
-    if targets.dtype != jnp.bool_:  # cannot raise under jit: a counted target outside [0, 1] gives NaN
-        t = jnp.where((t >= 0) & (t <= 1), t, jnp.full((), jnp.nan, cdt))
+    # cannot raise under jit: a counted target outside [0, 1] gives a NaN loss. Selected on the loss rather
+    # than on the targets, so that the forward and backward passes each read the targets themselves (XLA
+    # would otherwise write the checked targets out and run both passes from that copy, about twice slower).
+    ok = None if targets.dtype == jnp.bool_ else (t >= 0) & (t <= 1)
     eps: Any = opts.label_smoothing
     if eps is None:  # traced: applied whatever its value
         eps = jnp.asarray(label_smoothing, cdt)
     if not isinstance(eps, float) or eps != 0.0:
         t = t * (1.0 - eps) + eps / 2.0
     out = term(x, t, **dict(opts.params))
+    if ok is not None:
+        out = jnp.where(ok, out, jnp.full((), jnp.nan, out.dtype))
     if scale is not None:
         out = out * scale
     return _distributed.reduce_loss(out, opts.reduction, count, axis_name).astype(logits.dtype)

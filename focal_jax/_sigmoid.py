@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 
 import focal_spec
-from focal_jax import _common, _distributed
+from focal_jax import _common, _distributed, _family
+
+_variants = focal_spec.variants
 
 # ----------------------------------------------------------------------------------------
 # The elementwise kernel. ``x`` is the (sanitized) logit in the compute dtype, ``t`` the smoothed
@@ -182,6 +184,9 @@ def sigmoid_focal_loss(
     where: jax.typing.ArrayLike | None = None,
     reduction: str = focal_spec.REDUCTION,
     axis_name: Hashable | None = None,
+    poly1: float = 0.0,
+    normalized: bool = False,
+    reduced_threshold: float | None = None,
 ) -> jax.Array:
     r"""Sigmoid focal loss for binary and multi-label classification (Lin et al. 2017).
 
@@ -194,7 +199,15 @@ def sigmoid_focal_loss(
         1-p_t = t' σ(-x) + (1-t') σ(x),
 
     .. math::
-        \ell = α_t \cdot w \cdot (1-p_t)^γ \cdot ce, \quad α_t = α t' + (1-α)(1-t').
+        \ell = α_t \cdot w \cdot [(1-p_t)^γ \cdot ce + ε_1 (1-p_t)^{γ+1}], \quad α_t = α t' + (1-α)(1-t'),
+
+    with ε₁ = ``poly1`` (Poly-1; 0 by default). The focal family's options of
+    :mod:`focal_spec.variants` change the modulator m = (1-p_t)^γ: ``reduced_threshold`` = th makes it 1
+    where p_t < th and ((1-p_t)/th)^γ elsewhere (the reduced focal loss); a
+    :class:`focal_spec.GammaSchedule` ``gamma`` picks γ per element from the detached p_t
+    (``focal_spec.FLSD_53``: 5 where p_t < 0.2, else 3); ``normalized=True`` divides every element's
+    loss by Σ m over the counted elements (m with its gradient) before ``reduction`` applies, so that
+    ``reduction="sum"`` gives Σℓ / Σm, the mean cross-entropy at γ = 0.
 
     With ``gamma=0`` and no ``alpha`` this is the binary cross-entropy
     (``F.binary_cross_entropy_with_logits``, ``pos_weight`` included), in value and gradient.
@@ -205,7 +218,11 @@ def sigmoid_focal_loss(
     ``weight``, ``pos_weight`` and ``label_smoothing``, from closed forms in a ``jax.custom_jvp``
     (dℓ/dγ = ℓ log(1-p_t), dℓ/dt' and dℓ/dπ) and plain autodiff of the per-element scale, so
     ``jax.grad``, ``jax.jvp``, ``jax.vmap``, ``jax.hessian``, ``jax.checkpoint`` and
-    ``lax.scan`` all apply. Only the derivatives that a transform asks for are computed.
+    ``lax.scan`` all apply. Only the derivatives that a transform asks for are computed. With any of
+    ``poly1``, ``normalized``, ``reduced_threshold`` or a schedule ``gamma`` the loss is instead one
+    smooth formula (log-sigmoid pieces, powers as products or exp(k log(1-p_t)), every branch that a
+    threshold discards finite) differentiated by plain autodiff, with the same transforms and finite
+    values, gradients and Hessians at any logit; the defaults keep the closed-form path above.
 
     ``gamma``, ``alpha`` and ``label_smoothing`` may be Python numbers, concrete arrays (JAX or
     NumPy) or traced arrays (arguments of a ``jit``-ed function, ``vmap``-ed, differentiated).
@@ -225,8 +242,9 @@ def sigmoid_focal_loss(
         shape that broadcasts to ``logits``. Cast to the compute dtype, never to a half dtype.
         A target outside [0, 1] at a counted element (255 in a uint8 mask, say) cannot raise
         under ``jit``: that element's loss is NaN. Mask such elements with ``where``.
-      gamma: focusing parameter γ >= 0: a number, or an array broadcasting to ``logits`` (one γ
-        per class, for example).
+      gamma: focusing parameter γ >= 0: a number, an array broadcasting to ``logits`` (one γ
+        per class, for example), or a :class:`focal_spec.GammaSchedule` (static: hashable, a
+        compile-time constant under ``jit``), which picks γ per element from the detached p_t.
       alpha: None (no class balance), a number in [0, 1], or an array broadcasting to ``logits``
         (one alpha per class, for example).
       weight: optional array broadcasting to ``logits``; multiplies the elementwise loss.
@@ -240,7 +258,18 @@ def sigmoid_focal_loss(
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
       axis_name: inside ``shard_map`` or ``pmap``, the name of the mapped axis: the sum and the
         number of counted elements are ``psum``-ed over it, which makes ``"mean"`` the exact
-        global mean (and ``"sum"`` the global sum). Ignored for ``"none"``.
+        global mean (and ``"sum"`` the global sum). Ignored for ``"none"``, except that with
+        ``normalized=True`` the normalizer Σ m is ``psum``-ed over it for every reduction.
+      poly1: ε₁ of Poly-1 (Leng et al. 2022), a finite Python number (negative values allowed):
+        adds α_t · w · ε₁ (1-p_t)^(γ+1) to each element's loss. 0 (the default) is the focal loss.
+      normalized: a Python bool. True divides each element's loss by Σ m, the sum of the
+        modulators over counted elements (0 everywhere when Σ m is 0); ``reduction`` then applies
+        to the quotients. A counted target outside [0, 1] then makes every element NaN.
+      reduced_threshold: None (off), or a Python number th in (0, 1]: the modulator is 1 where
+        p_t < th and ((1-p_t)/th)^γ elsewhere (the reduced focal loss); th = 1 is the
+        cross-entropy. The ε₁ term of ``poly1`` keeps its (1-p_t)^(γ+1). p_t < th (and a
+        schedule's p_t >= threshold) is decided as 1-p_t > 1-th on the cancellation-free 1-p_t, so
+        th = 1 gives the cross-entropy wherever 1-p_t has not underflowed.
 
     Returns:
       ``"none"``: the elementwise loss, of the logits' shape. ``"sum"``: a scalar.
@@ -249,10 +278,11 @@ def sigmoid_focal_loss(
 
     Raises:
       TypeError: non-floating logits, targets that are not floating, integer or boolean, a
-        ``where`` that is not boolean, or an option of the wrong type (``gamma=None``, a string).
-      ValueError: a concrete option out of range, an unknown reduction, or a shape of
-        ``targets``, ``gamma``, ``alpha``, ``weight``, ``pos_weight`` or ``where`` that does not
-        broadcast to the logits.
+        ``where`` that is not boolean, or an option of the wrong type (``gamma=None``, a string,
+        ``normalized`` that is not a bool, a traced ``poly1`` or ``reduced_threshold``).
+      ValueError: a concrete option out of range (a non-finite ``poly1``, a ``reduced_threshold``
+        outside (0, 1], 0 included), an unknown reduction, or a shape of ``targets``, ``gamma``,
+        ``alpha``, ``weight``, ``pos_weight`` or ``where`` that does not broadcast to the logits.
 
     Examples:
       >>> import jax
@@ -270,14 +300,26 @@ def sigmoid_focal_loss(
       >>> step = jax.jit(jax.grad(lambda g: focal_jax.sigmoid_focal_loss(logits, targets, gamma=g)))
       >>> print(f"{step(2.0):.4f}")  # dℓ/dγ, compiled once for every γ
       -0.0867
+      >>> import focal_spec
+      >>> print(f"{focal_jax.sigmoid_focal_loss(logits, targets, gamma=focal_spec.FLSD_53, poly1=1.0):.4f}")
+      0.8837
+      >>> ce = focal_jax.sigmoid_focal_loss(logits, targets, gamma=0.0)
+      >>> nfl = focal_jax.sigmoid_focal_loss(logits, targets, gamma=0.0, normalized=True, reduction="sum")
+      >>> print(f"{ce:.4f} {nfl:.4f}")  # normalized at γ = 0: the mean cross-entropy
+      1.1157 1.1157
 
     References:
       Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_, 2017.
     """
+    schedule = gamma if isinstance(gamma, _variants.GammaSchedule) else None
+    eps1 = _variants.check_poly1(poly1)
+    normalized = _variants.check_normalized(normalized)
+    th = _variants.check_reduced_threshold(reduced_threshold)
     logits = _common.as_array(logits)
     targets = _common.as_array(targets)
     opts = focal_spec.sigmoid_options(
-        logits.shape, logits.dtype, targets.shape, targets.dtype, gamma=_common.host_value(gamma),
+        logits.shape, logits.dtype, targets.shape, targets.dtype,
+        gamma=0.0 if schedule is not None else _common.host_value(gamma),
         alpha=_common.host_value(alpha), weight_shape=_common.shape_of(weight),
         label_smoothing=_common.host_value(label_smoothing), where_shape=_common.shape_of(where),
         reduction=reduction, where_dtype=_common.dtype_of(where), pos_weight_shape=_common.shape_of(pos_weight),
@@ -321,7 +363,19 @@ def sigmoid_focal_loss(
         pw = jnp.broadcast_to(jnp.asarray(pos_weight, cdt), shape)
         if mask is not None:
             pw = jnp.where(mask, pw, jnp.ones_like(pw))
-    loss = _kernel(x, t, scale, g, pw, opts.gamma, opts.gamma_int)
+    if schedule is None and not eps1 and not normalized and th is None:
+        loss = _kernel(x, t, scale, g, pw, opts.gamma, opts.gamma_int)
+    else:  # the variants: one smooth formula, differentiated by plain autodiff
+        gam = schedule if schedule is not None else opts.gamma if g is None else g
+        loss, m = _family.focal_variant(x, t, pw=pw, gamma=gam, poly1=eps1, reduced_threshold=th)
+        if scale is not None:
+            loss = loss * scale
+        if normalized:  # ℓ / Σ m over counted elements (and over the devices of axis_name), 0 when Σ m is 0
+            z = jnp.sum(m if mask is None else jnp.where(mask, m, jnp.zeros_like(m)))
+            if axis_name is not None:
+                z = jax.lax.psum(z, axis_name)
+            nothing = z == 0
+            loss = jnp.where(nothing, jnp.zeros_like(loss), loss / jnp.where(nothing, jnp.ones_like(z), z))
     count = logits.size if mask is None else jnp.sum(mask, dtype=cdt)
     out = _distributed.reduce_loss(loss, opts.reduction, count, axis_name)
     return out.astype(logits.dtype)

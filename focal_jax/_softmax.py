@@ -13,9 +13,10 @@ from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import focal_spec
-from focal_jax import _common, _distributed
+from focal_jax import _common, _distributed, _family
 
 
 def _log_parts(others: jax.Array, s: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -48,7 +49,11 @@ def _modulator_and_kappa(p: jax.Array, logp: jax.Array, log1mp: jax.Array, omp: 
         m_1 = _common.power(omp, gamma_int - 1)
         return m_1 * omp, gamma_int * p * logp * m_1 - m_1 * omp
     m = jnp.exp(gamma * log1mp)
-    rho = jnp.where(omp > 0, logp / jnp.where(omp > 0, omp, 1.0), -1.0)
+    # ρ = log1p(-u)/u with u = 1-p; below u = ε^(1/3) its series -1 - u/2 - u²/3 (the next term, u³/4, is below
+    # rounding), whose derivatives stay finite where u² underflows (the quotient's would divide by it)
+    small = float(np.cbrt(np.finfo(omp.dtype).eps))
+    series = -1.0 - omp * (0.5 + omp / 3.0)
+    rho = jnp.where(omp < small, series, logp / jnp.where(omp < small, 1.0, omp))
     return m, m * (gamma * p * rho - 1.0)
 
 
@@ -175,6 +180,50 @@ _dense_kernel.defjvp(_dense_kernel_jvp, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------------------
+# Poly-1: one smooth formula for plain autodiff, every class entering the loss.
+# ----------------------------------------------------------------------------------------
+
+
+def _poly1_loss(x: jax.Array, wq: jax.Array, g: jax.Array | None, axis: int, gamma: float | None,
+                poly1: float) -> jax.Array:
+    """Per-position loss Σ_c w_c q_c (1-p_c)^γ_c (ε₁ (1-p_c) - log p_c), differentiated by plain autodiff.
+
+    Where p_c > 1/2, 1-p_c is Σ_{k≠c} e_k / S: for the arg-max a sum over the other classes shifted by their
+    own maximum (its logarithm, and every derivative of it, finite even where the sum underflows), for a
+    tied class S - e_c >= 1. Elsewhere 1-p_c = -expm1(log p_c) and log(1-p_c) = log1p(-p_c). Each form is
+    differentiated where its derivative is a sum rather than a difference of nearly equal terms
+    (d(1-p_c)/dx_k = p_c p_k, tiny next to p_k where p_c is), and every branch that a ``where`` discards is
+    finite. Whole γ up to 8 are products of 1-p_c, others exp(γ log(1-p_c)).
+    """
+    c = x.shape[axis]
+    m_x = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True, initial=-jnp.inf))
+    z = x - m_x
+    e = jnp.exp(z)
+    s = jnp.sum(e, axis=axis, keepdims=True)
+    log_s = jnp.log(s)
+    logp_d = z - log_s  # log p_c, accurate where p_c <= 1/2
+    if c == 1:  # no other class: p = 1, 1 - p = 0 with log(1-p) floored as in _log_parts
+        big = jnp.ones(x.shape, bool)
+        omp_b = jnp.zeros_like(x)
+        log1mp_b = jnp.full_like(x, math.log(_common.tiny(x.dtype)))
+    else:
+        classes = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+        top = classes == jnp.argmax(x, axis=axis, keepdims=True)
+        m_o = jax.lax.stop_gradient(jnp.max(jnp.where(top, -jnp.inf, z), axis=axis, keepdims=True))
+        sum_o = jnp.sum(jnp.where(top, 0.0, jnp.exp(jnp.where(top, m_o, z) - m_o)), axis=axis, keepdims=True)
+        rest = jnp.where(top, 1.0, s - e)  # >= 1 where selected
+        omp_b = jnp.where(top, jnp.exp(m_o) * sum_o, rest) / s
+        log1mp_b = jnp.where(top, m_o + jnp.log(sum_o), jnp.log(rest)) - log_s
+        big = omp_b < 0.5
+    la = jnp.where(big, -1.0, logp_d)  # log p_c where p_c <= 1/2, a finite stand-in elsewhere
+    omp = jnp.where(big, omp_b, -jnp.expm1(la))
+    log1mp = jnp.where(big, log1mp_b, jnp.log1p(-jnp.exp(la)))
+    logp = jnp.where(big, jnp.log1p(-jnp.where(big, omp_b, 0.0)), logp_d)
+    m = _family._power(omp, lambda: log1mp, gamma) if g is None else jnp.exp(g * log1mp)
+    return jnp.sum(wq * (m * (poly1 * omp - logp)), axis=axis)
+
+
+# ----------------------------------------------------------------------------------------
 # The public function.
 # ----------------------------------------------------------------------------------------
 
@@ -191,6 +240,7 @@ def softmax_focal_loss(
     axis: int = focal_spec.JAX_CLASS_AXIS,
     reduction: str = focal_spec.REDUCTION,
     axis_name: Hashable | None = None,
+    poly1: float = 0.0,
 ) -> jax.Array:
     r"""Softmax focal loss for multi-class classification (Lin et al. 2017), classes on ``axis``.
 
@@ -200,6 +250,9 @@ def softmax_focal_loss(
     .. math::
         \ell_i = -\sum_c w_c \, q_c \, (1-p_c)^{γ_c} \log p_c, \quad
         q = (1-ε)\,\mathrm{onehot}(y) + ε/C \ \text{(or } q(1-ε) + ε/C \text{ for probabilities)}.
+
+    ``poly1`` = ε₁ (Poly-1, Leng et al. 2022) adds :math:`ε_1 \sum_c w_c q_c (1-p_c)^{γ_c+1}` to
+    :math:`\ell_i` (0 by default, the focal loss).
 
     With integer labels and ε = 0 this is :math:`-w_y (1-p_y)^{γ_y} \log p_y`, computed from a
     gather of the labelled logit. :math:`1-p_c` is a sum over the other classes divided by the
@@ -248,6 +301,11 @@ def softmax_focal_loss(
       axis_name: inside ``shard_map`` or ``pmap``, the name of the mapped axis: the sum and the
         mean's denominator are ``psum``-ed over it, which makes ``"mean"`` the exact global mean.
         Ignored for ``"none"``.
+      poly1: ε₁ of Poly-1, a finite Python number (static under ``jit``; negative values
+        allowed): each position's loss gains ε₁ Σ_c w_c q_c (1-p_c)^(γ_c+1). 0 (the default) keeps
+        the closed-form path above; any other value computes the whole loss as one smooth formula
+        differentiated by plain autodiff (log(1-p_c) as a log-sum-exp over the other classes), with
+        the same transforms and finite values, gradients and Hessians at any logit.
 
     Returns:
       ``"none"``: the per-position loss, of the logits' shape without the class axis.
@@ -261,10 +319,10 @@ def softmax_focal_loss(
     Raises:
       TypeError: non-floating logits, floating labels of the positions' shape, labels that are
         neither integer nor floating, a ``where`` that is not boolean, or an option of the wrong
-        type (``gamma=None``, a string).
-      ValueError: a concrete option out of range, an unknown reduction, a class axis out of
-        range, or a shape of ``labels``, ``gamma``, ``weight`` or ``where`` that does not fit the
-        logits.
+        type (``gamma=None``, a string, a traced ``poly1``).
+      ValueError: a concrete option out of range (a non-finite ``poly1``, say), an unknown
+        reduction, a class axis out of range, or a shape of ``labels``, ``gamma``, ``weight`` or
+        ``where`` that does not fit the logits.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -281,6 +339,7 @@ def softmax_focal_loss(
     References:
       Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_, 2017.
     """
+    eps1 = focal_spec.variants.check_poly1(poly1)
     logits = _common.as_array(logits)
     labels = _common.as_array(labels)
     opts = focal_spec.softmax_options(
@@ -314,7 +373,7 @@ def softmax_focal_loss(
         wy = jnp.where(bad, jnp.full((), jnp.nan, cdt), wy)
         # Σ w[y] over counted positions; a bad label's NaN reaches the mean through its loss
         count = jnp.sum(valid, dtype=jnp.int32) if w is None else jnp.sum(wy)
-        if not smoothing:
+        if not smoothing and not eps1:
             gy = None if g is None else (g if g.ndim == 0 else g[ys])
             loss = _index_kernel(x, code, wy, gy, ax, opts.gamma, opts.gamma_int)
             return _distributed.reduce_loss(loss, opts.reduction, count, axis_name).astype(logits.dtype)
@@ -341,7 +400,10 @@ def softmax_focal_loss(
         wq = jnp.where(scale != 0, wq * scale, jnp.zeros_like(wq))  # also drops garbage probabilities
     if g is not None and g.ndim:
         g = g.reshape(per_class)
-    loss = _dense_kernel(x, wq, g, ax, opts.gamma, opts.gamma_int)
+    if eps1:
+        loss = _poly1_loss(x, wq, g, ax, opts.gamma, eps1)
+    else:
+        loss = _dense_kernel(x, wq, g, ax, opts.gamma, opts.gamma_int)
     return _distributed.reduce_loss(loss, opts.reduction, count, axis_name).astype(logits.dtype)
 
 

@@ -88,12 +88,14 @@ def sigmoid_focal_loss(
     ce = -(pw * tp * lp + (1.0 - tp) * ln)
     with np.errstate(divide="ignore"):
         log_q = np.logaddexp(np.log(tp) + ln, np.log1p(-tp) + lp)  # log(1 - p_t)
-    p_t = -np.expm1(log_q)
-    g = schedule.gamma_of(p_t) if schedule else np.broadcast_to(_f64(gamma), x.shape)
+    # 1 - p_t as a sum of two non-negative terms (exact at hard targets and where p_t rounds to 1): the
+    # decisions on p_t (a schedule's steps, a reduced threshold) are made on it, as in both backends
+    q = tp * np.exp(ln) + (1.0 - tp) * np.exp(lp)
+    g = schedule.gamma_of_q(q) if schedule else np.broadcast_to(_f64(gamma), x.shape)
     m = _modulator(g, log_q)
     dm_on = np.ones_like(x)  # where the modulator depends on x (not where a reduced threshold sets it to 1)
     if th is not None:
-        below = p_t < th
+        below = q > 1.0 - th  # p_t < th
         m = np.where(below, 1.0, _modulator(g, log_q - np.log(th)))
         dm_on = np.where(below, 0.0, 1.0)
     if o.alpha is None:
@@ -192,7 +194,9 @@ def softmax_focal_loss(
     loss = -(wq * m * logp).sum(-1)
     # dℓ/dx_k = A_k - p_k Σ_c A_c with A_c = w_c q_c κ_c and κ_c = m_c (γ p_c log p_c / (1-p_c) - 1).
     with np.errstate(divide="ignore", invalid="ignore"):
-        rho = np.where(log1mp > -np.inf, logp / np.exp(log1mp), -1.0)
+        # ρ = log p / (1 - p) -> -1 - (1 - p)/2 as 1 - p -> 0: -1 to float64 precision below 1 - p = e^-40
+        # (where exp(log1mp) would underflow to 0 and give 0/0)
+        rho = np.where(log1mp > -40.0, logp / np.exp(np.maximum(log1mp, -40.0)), -1.0)
     kappa = m * (g * p * rho - 1.0)
     a_c = wq * kappa
     if eps1:  # d(1-p_c)^(γ+1)/dx_k = -(γ+1)(1-p_c)^γ p_c (δ_ck - p_k)

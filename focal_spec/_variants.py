@@ -111,6 +111,15 @@ class GammaSchedule:
         idx = np.searchsorted(np.asarray(self.thresholds), np.asarray(p_t, np.float64), side="right")
         return np.asarray(self.values, np.float64)[idx]
 
+    def gamma_of_q(self, q: np.ndarray) -> np.ndarray:
+        """:meth:`gamma_of` decided on q = 1 - p_t (p_t >= th as q <= 1 - th), which stays exact where p_t
+        rounds to 1: the rule both backends follow."""
+        q = np.asarray(q, np.float64)
+        out = np.full(q.shape, self.values[0], np.float64)
+        for th, v in zip(self.thresholds, self.values[1:], strict=True):
+            out = np.where(q <= 1.0 - th, v, out)
+        return out
+
 
 FLSD_53 = GammaSchedule(thresholds=(0.2,), values=(5.0, 3.0))
 """Mukhoti et al.'s sample-dependent γ: 5 where p_t < 0.2, else 3."""

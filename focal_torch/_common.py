@@ -134,6 +134,19 @@ def check_device(arg: str, value: Any, device: torch.device) -> None:
     raise ValueError(focal_spec.invalid_device(arg, device, value.device))
 
 
+def checked_target(input: Any, target: Any, **options: Any) -> Any:
+    """The prologue of every loss: ``input`` must be a tensor, ``target`` becomes one on its device, and
+    ``target`` and each tensor option must live on ``input``'s device (:func:`check_device`)."""
+    check_tensor("input", input)
+    dev = input.device
+    if not isinstance(target, torch.Tensor):
+        target = torch.as_tensor(target, device=dev)
+    check_device("target", target, dev)
+    for arg, value in options.items():
+        check_device(arg, value, dev)
+    return target
+
+
 def check_tensor(arg: str, value: Any) -> None:
     """Logits must be a tensor (as for ``F.cross_entropy``); NumPy arrays and lists are rejected with the
     spec's message rather than an AttributeError deep inside."""
@@ -144,8 +157,14 @@ def check_tensor(arg: str, value: Any) -> None:
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla")
 
 
-def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """Autocast off: every op of a loss runs in the compute dtype chosen here, not in a lower one."""
+_NULL = contextlib.nullcontext()
+
+
+def no_autocast(device: torch.device, known_off: bool = False) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off: every op of a loss runs in the compute dtype chosen here, not in a lower one.
+    ``known_off``: the caller has checked that autocast is disabled (nothing to do)."""
+    if known_off:
+        return _NULL
     if device.type in _AUTOCAST_DEVICES:
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()

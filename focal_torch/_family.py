@@ -12,7 +12,9 @@ The formulas are plain, smooth tensor ops differentiated by autograd, so double 
 quantity is built from e = exp(-|x|) with one-sided pieces, each power is a product or
 ``exp(k · log u)`` of a log-space ``u``, and every branch that a ``where`` leaves unselected is itself
 finite: values, gradients and Hessians stay finite at any logit and for any exponent, 0 and
-fractional ones included.
+fractional ones included. In eager mode, when only the logits need a gradient, ASL and QFL run
+closed-form kernels instead (in place, piece by piece, the gradient recomputed from the saved inputs);
+a backward pass that builds a graph (double backward) differentiates the plain formula there.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import focal_spec
@@ -107,8 +110,194 @@ def _varifocal(x: torch.Tensor, t: torch.Tensor, *, alpha: float, gamma: float) 
 
 
 # ----------------------------------------------------------------------------------------
+# Eager kernels: the same losses with closed-form derivatives, in place and piece by piece (see
+# C.chunked), without autograd. Notation: s = σ(x), s̄ = σ(-x), a = softplus(-x) = -log s,
+# b = softplus(x) = -log s̄, for t in [0, 1]:
+#
+#   ASL  ℓ = t s̄^γ₊ a + (1-t) p_m^γ₋ ν,     p_m = max(s - m, 0), ν = -log(1 - p_m)  (m = 0: p_m = s, ν = b)
+#        dℓ/dx = -t s̄^γ₊ (γ₊ s a + s̄) + (1-t) s s̄ p_m^(γ₋-1) (γ₋ ν + p_m / (1 - p_m))
+#                                            (m = 0: (1-t) s^γ₋ (γ₋ s̄ b + s))
+#   QFL  ℓ = |d|^β ce,   d = t - s = t s̄ - (1-t) s,   ce = t a + (1-t) b
+#        dℓ/dx = -sign(d) |d|^(β-1) (β s s̄ ce + d²)
+#
+# Every sum is of terms of one sign (the ASL gradient's two terms, for soft targets, are the
+# parts a float64 reference adds too), each logarithm is a softplus or a log1p of a quantity
+# below 1/2 (or of -p_m, exact as 1 - p_m), and the only roundings are those of s - m and of
+# t - s that no float formula avoids. The plain formulas above remain what torch.compile,
+# torch.func, forward-mode AD and double backward differentiate.
+# ----------------------------------------------------------------------------------------
+
+EAGER_KERNELS = True
+"""When False, every call takes the plain formulas (differentiated by autograd): the tests set it to
+check those on the same grid as the kernels."""
+
+
+def _softplus(x: torch.Tensor, negate: bool = False) -> torch.Tensor:
+    """softplus(±x) in a new tensor (-log σ(∓x), accurate at any logit)."""
+    return F.softplus(torch.neg(x) if negate else x, 1.0, C.SOFTPLUS_THRESHOLD)
+
+
+def _pow_(u: torch.Tensor, k: float, *, floor: bool = False) -> torch.Tensor | None:
+    """u^k for u >= 0, possibly in place (None for k = 0: a factor of 1). Products for a whole k up to 8,
+    else ``pow`` (0^k = 0 for k > 0); ``floor`` raises u to the smallest normal number first, so that a
+    negative k gives a finite number at u = 0 (to be multiplied by 0 there)."""
+    if k == 0.0:
+        return None
+    if float(k).is_integer() and 0 < k <= 8:
+        return C.ipow(u, int(k), inplace=True)
+    if floor:
+        u = u.clamp_(min=torch.finfo(u.dtype).tiny)
+    return u.pow_(k)
+
+
+def _times_(v: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
+    return v if f is None else v.mul_(f)
+
+
+def _sided_ce(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, sn: torch.Tensor) -> torch.Tensor:
+    """ce = t a + (1-t) b in a new tensor, as (1-t) relu(x) + t relu(-x) + log(1 + e^-|x|), the last from
+    -log1p(-min(s, s̄)): one logarithm, every term >= 0."""
+    lg = torch.minimum(s, sn).neg_().log1p_()  # -log(1 + e^-|x|)
+    r = torch.clamp_min(x, 0.0)
+    return r.lerp_(torch.sub(r, x), t).sub_(lg)
+
+
+def _asl_loss_(x: torch.Tensor, t: torch.Tensor, *, gamma_pos: float, gamma_neg: float,
+               clip: float) -> torch.Tensor:
+    pos = _softplus(x, negate=True)
+    if gamma_pos != 0.0:
+        pos.mul_(_pow_(torch.neg(x).sigmoid_(), gamma_pos))
+    if clip != 0.0:
+        pm = torch.sigmoid(x).sub_(clip).clamp_min_(0.0)
+        neg = torch.neg(pm).log1p_().neg_()  # -log(1 - p_m): 1 - p_m is exact, and >= 1/2 below p_m = 1/2
+    else:
+        pm = torch.sigmoid(x)
+        neg = _softplus(x)
+    return _times_(neg, _pow_(pm, gamma_neg)).lerp_(pos, t)
+
+
+def _asl_grad_(x: torch.Tensor, t: torch.Tensor, *, gamma_pos: float, gamma_neg: float,
+               clip: float) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    sn = torch.neg(x).sigmoid_()
+    if gamma_pos == 0.0:
+        dpos = torch.neg(sn)
+    else:  # -s̄^γ₊ (γ₊ s a + s̄)
+        dpos = _softplus(x, negate=True).mul_(s).mul_(gamma_pos).add_(sn)
+        dpos.mul_(_pow_(sn.clone(), gamma_pos)).neg_()
+    if clip != 0.0:
+        pm = torch.sub(s, clip).clamp_min_(0.0)
+        one_minus = torch.rsub(pm, 1.0)
+        if gamma_neg == 0.0:  # 1 / (1 - p_m) where the margin is active, 0 elsewhere
+            dneg = one_minus.reciprocal_().mul_(torch.sign(pm))
+        else:
+            dneg = torch.div(pm, one_minus, out=one_minus)
+            dneg.add_(torch.neg(pm).log1p_(), alpha=-gamma_neg)  # γ₋ ν + p_m / (1 - p_m)
+            if gamma_neg != 1.0:  # p_m^(γ₋-1), finite at p_m = 0 (where it multiplies 0)
+                dneg.mul_(_pow_(pm, gamma_neg - 1.0, floor=True))
+        dneg.mul_(s).mul_(sn)
+    else:  # s^γ₋ (γ₋ s̄ b + s)
+        dneg = _softplus(x).mul_(sn).mul_(gamma_neg).add_(s)
+        _times_(dneg, _pow_(s, gamma_neg))
+    return dneg.lerp_(dpos, t)
+
+
+def _qfl_parts(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    s = torch.sigmoid(x)
+    sn = torch.neg(x).sigmoid_()
+    d = torch.neg(s).lerp_(sn, t)  # t s̄ - (1-t) s: exactly s̄ or -s for hard targets
+    return s, sn, d, _sided_ce(x, t, s, sn)
+
+
+def _qfl_loss_(x: torch.Tensor, t: torch.Tensor, *, beta: float) -> torch.Tensor:
+    _, _, d, ce = _qfl_parts(x, t)
+    if beta == 2.0:
+        return ce.mul_(d).mul_(d)
+    return _times_(ce, _pow_(d.abs_(), beta))
+
+
+def _qfl_grad_(x: torch.Tensor, t: torch.Tensor, *, beta: float) -> torch.Tensor:
+    s, sn, d, ce = _qfl_parts(x, t)
+    if beta == 0.0:
+        return d.neg_()
+    g = s.mul_(sn).mul_(ce).mul_(beta).addcmul_(d, d)  # β s s̄ ce + d²
+    if float(beta).is_integer() and 2 <= beta <= 8:  # -d |d|^(β-2) (...)
+        if beta > 2.0:
+            g.mul_(_pow_(torch.abs(d), beta - 2.0))
+        return g.mul_(d).neg_()
+    g.mul_(torch.sign(d)).neg_()
+    return g if beta == 1.0 else g.mul_(_pow_(d.abs_(), beta - 1.0, floor=True))
+
+
+class _Kernels(NamedTuple):
+    loss: Callable[..., torch.Tensor]
+    grad: Callable[..., torch.Tensor]
+
+
+_KERNELS = {_asymmetric: _Kernels(_asl_loss_, _asl_grad_), _quality_focal: _Kernels(_qfl_loss_, _qfl_grad_)}
+
+
+def _kernels_apply(kernels: _Kernels | None, x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the eager kernels take this call: plain eager tensors, outside torch.compile, torch.func and
+    forward-mode AD, and a gradient (if any) for the logits only."""
+    if kernels is None or not EAGER_KERNELS or C.is_compiling() or C.in_func_transform():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0 and (C.has_tangent(x) or any(map(C.has_tangent, others))):
+        return False
+    return not C.is_transformed(x) and all(
+        o is None or not (o.requires_grad or C.is_transformed(o)) for o in others)
+
+
+class _FamilyKernel(torch.autograd.Function):
+    """A variant's loss (summed when ``reduce``) times ``scale``, from the kernels; backward recomputes the
+    gradient from the saved inputs. A backward that builds a graph (double backward) differentiates the plain
+    formula ``term`` instead."""
+
+    @staticmethod
+    def forward(ctx, x, t, scale, kernels, term, params, reduce):  # type: ignore[override]
+        ctx.save_for_backward(x, t, scale)
+        ctx.kernels, ctx.term, ctx.params, ctx.reduce = kernels, term, params, reduce
+        pieces = C.chunked(x, t, scale)
+        if reduce:
+            parts = [_times_(kernels.loss(xp, tp, **params), sp).sum() for _, (xp, tp, sp) in pieces]
+            # each piece is a cascade sum; the pieces are added in float64
+            return parts[0] if len(parts) == 1 else torch.stack(parts).to(torch.float64).sum().to(x.dtype)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for region, (xp, tp, sp) in pieces:
+            C.piece_of(out, region).copy_(_times_(kernels.loss(xp, tp, **params), sp))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, t, scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        if torch.is_grad_enabled():
+            out = ctx.term(x, t, **ctx.params)
+            out = out if scale is None else out * scale
+            (g,) = torch.autograd.grad(out.sum() if ctx.reduce else out, x, grad_out, create_graph=True)
+            return (g, *(None,) * 6)
+        grad = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if ctx.reduce:
+            k = C.scalar_or_tensor(grad_out)
+            pieces = ((r, (*p, k)) for r, p in C.chunked(x, t, scale))
+        else:
+            pieces = C.chunked(x, t, scale, grad_out)
+        for region, (xp, tp, sp, kp) in pieces:
+            g = _times_(ctx.kernels.grad(xp, tp, **ctx.params), sp)
+            C.piece_of(grad, region).copy_(g.mul_(kp))
+        return (grad, *(None,) * 6)
+
+
+# ----------------------------------------------------------------------------------------
 # The shared pipeline.
 # ----------------------------------------------------------------------------------------
+
+
+def _in_unit_range(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool: every element in [0, 1] (False for NaN), from one min/max reduction."""
+    lo, hi = torch.aminmax(t.detach())
+    return (lo >= 0) & (hi <= 1)
 
 
 def _where_dtype(where: Any) -> Any:
@@ -121,12 +310,8 @@ def _family_loss(loss: str, term: Callable[..., torch.Tensor], input: torch.Tens
                  weight: Any, where: Any, reduction: str, process_group: Any, label_smoothing: Any = 0.0,
                  **hyper: float) -> torch.Tensor:
     """Validates, casts, masks, applies ``term`` elementwise, weights and reduces."""
-    C.check_tensor("input", input)
+    target = C.checked_target(input, target, weight=weight, where=where)
     dev = input.device
-    if not isinstance(target, torch.Tensor):
-        target = torch.as_tensor(target, device=dev)
-    for arg, value in (("target", target), ("weight", weight), ("where", where)):
-        C.check_device(arg, value, dev)
     opts = focal_spec.family_options(
         loss, tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, weight_shape=C.shape_of(weight),
         where_shape=C.shape_of(where), where_dtype=_where_dtype(where), reduction=reduction,
@@ -145,22 +330,27 @@ def _family_loss(loss: str, term: Callable[..., torch.Tensor], input: torch.Tens
             scale = mask.to(cdt) if scale is None else torch.where(mask, scale, 0.0)
             count = mask.sum()
         if target.dtype != torch.bool:
-            ok = (t >= 0) & (t <= 1)
-            if C.can_check_values(t):
-                if not bool(ok.all()):
+            if C.can_check_values(t):  # one reduction (and on an accelerator one sync) when all is well
+                if t.numel() and not bool(_in_unit_range(t)):
+                    ok = (t >= 0) & (t <= 1)
                     raise ValueError(focal_spec.targets_out_of_range(t[~ok].reshape(-1)[0].item()))
             else:  # compiled or transformed: a counted target outside [0, 1] gives NaN
-                t = torch.where(ok, t, float("nan"))
+                t = torch.where((t >= 0) & (t <= 1), t, float("nan"))
         eps: Any = opts.label_smoothing
         if eps is None:  # a tensor that cannot be read here: applied whatever its value
             eps = C.as_tensor(label_smoothing, dtype=cdt, device=dev)
         if not isinstance(eps, float) or eps != 0.0:
             t = t * (1.0 - eps) + eps / 2.0
-        out = term(x, t, **dict(opts.params))
-        if scale is not None:
-            out = out * scale
+        kernels = _KERNELS.get(term)
+        if _kernels_apply(kernels, x, t, scale):
+            out = _FamilyKernel.apply(x, t, scale, kernels, term, dict(opts.params), opts.reduction != "none")
+        else:
+            out = term(x, t, **dict(opts.params))
+            if scale is not None:
+                out = out * scale
+            if opts.reduction != "none":
+                out = out.sum()
         if opts.reduction != "none":
-            out = out.sum()
             if opts.reduction == "mean":
                 out = out * _distributed.mean_scale(count, process_group, dtype=cdt, device=dev)
     return out.to(input.dtype)

@@ -22,8 +22,10 @@ def _store(module: nn.Module, name: str, value: Any) -> None:
 
 
 def _check_options(gamma: Any, reduction: Any, label_smoothing: Any, alpha: Any = None) -> None:
-    """What the constructor can check without the logits: values of numbers and of readable tensors."""
-    focal_spec.check_gamma(C.spec_value(gamma))
+    """What the constructor can check without the logits: values of numbers and of readable tensors (a
+    :class:`focal_spec.GammaSchedule` was checked when it was made)."""
+    if not isinstance(gamma, focal_spec.GammaSchedule):
+        focal_spec.check_gamma(C.spec_value(gamma))
     focal_spec.check_reduction(reduction)
     focal_spec.check_label_smoothing(C.spec_value(label_smoothing))
     a = C.spec_value(alpha)
@@ -37,11 +39,21 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+def _show_variants(module: nn.Module, defaults: dict[str, Any]) -> str:
+    """``, name=value`` for each focal-family option that is not at its default (none: an empty string)."""
+    return "".join(f", {name}={getattr(module, name)!r}" for name, default in defaults.items()
+                   if getattr(module, name) is not default and getattr(module, name) != default)
+
+
+_SIGMOID_VARIANTS = {"poly1": 0.0, "normalized": False, "reduced_threshold": None}
+_SOFTMAX_VARIANTS = {"poly1": 0.0}
+
+
 class SigmoidFocalLoss(nn.Module):
     r"""Module form of :func:`focal_torch.sigmoid_focal_loss`.
 
     .. math::
-        \ell = \alpha_t \, w \, (1-p_t)^\gamma \, \mathrm{ce}
+        \ell = \alpha_t \, w \, [(1-p_t)^\gamma \, \mathrm{ce} + \varepsilon_1 (1-p_t)^{\gamma+1}]
 
     It stores the options (``alpha``, ``weight`` and ``where`` tensors as buffers) and calls the
     functional with them; see that function for the semantics.
@@ -49,7 +61,8 @@ class SigmoidFocalLoss(nn.Module):
     Args:
       gamma: focusing parameter, >= 0: a number, or a tensor broadcasting to the logits (stored as a
         buffer). A 0-d tensor is the way to schedule γ under ``torch.compile`` without recompiling:
-        update it in place (``loss.gamma.fill_(g)``).
+        update it in place (``loss.gamma.fill_(g)``). Or a :class:`focal_spec.GammaSchedule` (γ per
+        element from the detached p_t, such as ``focal_spec.FLSD_53``).
       alpha: ``None``, a number in [0, 1], or a tensor broadcasting to the logits.
       weight: optional tensor broadcasting to the logits.
       pos_weight: optional tensor broadcasting to the logits, the weight of the positive term of the
@@ -58,15 +71,21 @@ class SigmoidFocalLoss(nn.Module):
       where: optional boolean tensor broadcasting to the logits.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
       process_group: optional ``torch.distributed`` process group for an exact global mean.
+      poly1: ε₁ of Poly-1, any finite number (keyword only); 0 is off.
+      normalized: divide each element's loss by Σ (1-p_t)^γ over the counted elements (keyword only).
+      reduced_threshold: ``None`` or th in (0, 1]: the reduced focal loss (keyword only).
 
-    Call ``loss(input, target)`` with logits and targets as for the functional.
+    Call ``loss(input, target)`` with logits and targets as for the functional. Options at their
+    defaults are left out of the repr.
 
     Returns:
       What :func:`focal_torch.sigmoid_focal_loss` returns.
 
     Raises:
-      ValueError: ``gamma`` < 0, ``alpha`` or ``label_smoothing`` outside [0, 1], or an unknown
-        ``reduction`` (at construction); the functional's errors at call.
+      ValueError: ``gamma`` < 0, ``alpha`` or ``label_smoothing`` outside [0, 1], an unknown
+        ``reduction``, a non-finite ``poly1`` or a ``reduced_threshold`` outside (0, 1] (at
+        construction); the functional's errors at call.
+      TypeError: a ``normalized`` that is not a bool (at construction).
 
     Examples:
       >>> import torch
@@ -86,9 +105,16 @@ class SigmoidFocalLoss(nn.Module):
                  alpha: float | torch.Tensor | None = focal_spec.ALPHA, weight: torch.Tensor | None = None,
                  label_smoothing: float = focal_spec.LABEL_SMOOTHING, where: torch.Tensor | None = None,
                  reduction: str = focal_spec.REDUCTION, process_group: Any = None, *,
-                 pos_weight: torch.Tensor | None = None) -> None:
+                 pos_weight: torch.Tensor | None = None, poly1: float = 0.0, normalized: bool = False,
+                 reduced_threshold: float | None = None) -> None:
         super().__init__()
         _check_options(gamma, reduction, label_smoothing, alpha)
+        focal_spec.variants.check_poly1(poly1)
+        focal_spec.variants.check_normalized(normalized)
+        focal_spec.variants.check_reduced_threshold(reduced_threshold)
+        self.poly1 = poly1
+        self.normalized = normalized
+        self.reduced_threshold = reduced_threshold
         _store(self, "gamma", gamma)
         _store(self, "alpha", alpha)
         _store(self, "weight", weight)
@@ -101,12 +127,14 @@ class SigmoidFocalLoss(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sigmoid_focal_loss(input, target, gamma=self.gamma, alpha=self.alpha, weight=self.weight,
                                   pos_weight=self.pos_weight, label_smoothing=self.label_smoothing, where=self.where,
-                                  reduction=self.reduction, process_group=self.process_group)
+                                  reduction=self.reduction, process_group=self.process_group, poly1=self.poly1,
+                                  normalized=self.normalized, reduced_threshold=self.reduced_threshold)
 
     def extra_repr(self) -> str:
         s = (f"gamma={_show(self.gamma)}, alpha={_show(self.alpha)}, weight={_show(self.weight)}, "
              f"pos_weight={_show(self.pos_weight)}, label_smoothing={self.label_smoothing}, "
              f"where={_show(self.where)}, reduction={self.reduction!r}")
+        s += _show_variants(self, _SIGMOID_VARIANTS)
         return s + (f", process_group={self.process_group!r}" if self.process_group is not None else "")
 
 
@@ -114,7 +142,7 @@ class SoftmaxFocalLoss(nn.Module):
     r"""Module form of :func:`focal_torch.softmax_focal_loss`.
 
     .. math::
-        \ell_i = -\sum_c w_c \, q_c \, (1-p_c)^\gamma \log p_c
+        \ell_i = \sum_c w_c \, q_c \, [-(1-p_c)^\gamma \log p_c + \varepsilon_1 (1-p_c)^{\gamma+1}]
 
     It stores the options (``weight`` and ``where`` tensors as buffers) and calls the functional
     with them; see that function for the semantics.
@@ -130,6 +158,7 @@ class SoftmaxFocalLoss(nn.Module):
       dim: the class dim of the logits.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
       process_group: optional ``torch.distributed`` process group for an exact global mean.
+      poly1: ε₁ of Poly-1, any finite number (keyword only); 0 is off (and left out of the repr).
 
     Call ``loss(input, target)`` with logits and labels as for the functional.
 
@@ -137,8 +166,8 @@ class SoftmaxFocalLoss(nn.Module):
       What :func:`focal_torch.softmax_focal_loss` returns.
 
     Raises:
-      ValueError: ``gamma`` < 0, ``label_smoothing`` outside [0, 1] or an unknown ``reduction`` (at
-        construction); the functional's errors at call.
+      ValueError: ``gamma`` < 0, ``label_smoothing`` outside [0, 1], an unknown ``reduction`` or a
+        non-finite ``poly1`` (at construction); the functional's errors at call.
 
     Examples:
       >>> import torch
@@ -157,9 +186,11 @@ class SoftmaxFocalLoss(nn.Module):
     def __init__(self, gamma: float | torch.Tensor = focal_spec.GAMMA, weight: torch.Tensor | None = None,
                  ignore_index: int = focal_spec.IGNORE_INDEX, label_smoothing: float = focal_spec.LABEL_SMOOTHING,
                  where: torch.Tensor | None = None, dim: int = focal_spec.TORCH_CLASS_DIM,
-                 reduction: str = focal_spec.REDUCTION, process_group: Any = None) -> None:
+                 reduction: str = focal_spec.REDUCTION, process_group: Any = None, *, poly1: float = 0.0) -> None:
         super().__init__()
         _check_options(gamma, reduction, label_smoothing)
+        focal_spec.variants.check_poly1(poly1)
+        self.poly1 = poly1
         _store(self, "gamma", gamma)
         _store(self, "weight", weight)
         self.ignore_index = ignore_index
@@ -172,10 +203,11 @@ class SoftmaxFocalLoss(nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return softmax_focal_loss(input, target, gamma=self.gamma, weight=self.weight, ignore_index=self.ignore_index,
                                   label_smoothing=self.label_smoothing, where=self.where, dim=self.dim,
-                                  reduction=self.reduction, process_group=self.process_group)
+                                  reduction=self.reduction, process_group=self.process_group, poly1=self.poly1)
 
     def extra_repr(self) -> str:
         s = (f"gamma={_show(self.gamma)}, weight={_show(self.weight)}, ignore_index={self.ignore_index}, "
              f"label_smoothing={self.label_smoothing}, where={_show(self.where)}, dim={self.dim}, "
              f"reduction={self.reduction!r}")
+        s += _show_variants(self, _SOFTMAX_VARIANTS)
         return s + (f", process_group={self.process_group!r}" if self.process_group is not None else "")

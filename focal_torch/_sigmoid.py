@@ -39,27 +39,24 @@ class _Opts(NamedTuple):
     reduction: str
     cdtype: torch.dtype
     nan_targets: bool  # targets were not checked (compile, torch.func, meta): out-of-range ones give NaN
+    eager: bool = False  # known on entry: plain eager call, autocast off (the eager kernels apply)
 
 
 def _tiny(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
 
 
-@functools.lru_cache(maxsize=64)
-def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A shared 0-d constant (read only)."""
-    return torch.full((), value, dtype=dtype, device=device)
-
-
 def _lerp(start: Any, end: Any, weight: torch.Tensor, ws: Any = None) -> torch.Tensor:
-    """(1-w) start + w end for tensors or numbers, exact at w = 0 and w = 1."""
-    if not isinstance(start, torch.Tensor):
-        start = (torch.full((), start, dtype=weight.dtype, device=weight.device) if C.is_compiling()
-                 else _scalar(float(start), weight.dtype, weight.device))
-    if not isinstance(end, torch.Tensor):
-        end = (torch.full((), end, dtype=weight.dtype, device=weight.device) if C.is_compiling()
-               else _scalar(float(end), weight.dtype, weight.device))
-    return torch.lerp(start, end, weight, **_new(ws, 7, weight.shape))
+    """(1-w) start + w end for tensors or numbers: exact at w = 0 and 1 for tensors (torch.lerp); for two
+    numbers start + w (end - start), exact at w = 0 and within one rounding at w = 1 (torch.lerp with 0-d
+    tensor ends takes a slow broadcasting kernel on the CPU, four times the cost of a multiply-add)."""
+    if isinstance(start, torch.Tensor) or isinstance(end, torch.Tensor):
+        if not isinstance(start, torch.Tensor):
+            start = torch.full((), start, dtype=weight.dtype, device=weight.device)
+        if not isinstance(end, torch.Tensor):
+            end = torch.full((), end, dtype=weight.dtype, device=weight.device)
+        return torch.lerp(start, end, weight, **_new(ws, 7, weight.shape))
+    return torch.mul(weight, end - start, **_new(ws, 7, weight.shape)).add_(start)
 
 
 def _alpha_t(alpha: torch.Tensor | None, tp: torch.Tensor, o: _Opts, ws: Any = None) -> torch.Tensor | None:
@@ -80,8 +77,10 @@ def _alpha_t(alpha: torch.Tensor | None, tp: torch.Tensor, o: _Opts, ws: Any = N
 def _prepare(x, t, mask, eps, cdtype, bits):
     """Casts to the compute dtype, clears masked positions (so NaN/inf/255 there never reach the math)
     and smooths the targets."""
-    x = x.to(cdtype)
-    t = t.to(cdtype)
+    if x.dtype != cdtype:
+        x = x.to(cdtype)
+    if t.dtype != cdtype:
+        t = t.to(cdtype)
     if mask is not None:
         x, t = C.zero_unless(x, mask, bits), C.zero_unless(t, mask, bits)
     if eps:
@@ -113,27 +112,30 @@ def _new(ws: _Buffers | None, i: int, shape) -> dict:
     return {} if ws is None else {"out": ws(i, shape)}
 
 
-def _finish_inplace(buf, tp, alpha, weight, mask, bits, o: _Opts, ws: _Buffers | None = None) -> None:
-    """Multiplies ``buf`` by α_t and w, and clears the masked positions (NaN-safe)."""
+def _factors(tp, alpha, weight, o: _Opts, ws: _Buffers | None = None) -> list[torch.Tensor]:
+    """The per-element factors α_t and w (each present only when given)."""
     at = _alpha_t(alpha, tp, o, ws)
-    if at is not None:
-        buf.mul_(at)
-    if weight is not None:
-        buf.mul_(weight)
+    return [f for f in (at, weight) if f is not None]
+
+
+def _finish_inplace(buf, factors, mask, bits) -> None:
+    """Multiplies ``buf`` by the factors and clears the masked positions (NaN-safe)."""
+    for f in factors:
+        buf.mul_(f)
     if mask is not None:
         C.zero_unless_(buf, bits)
 
 
-_SERIAL = 32768
-"""Below this many elements torch runs an elementwise op on one thread (its grain size)."""
+_SOFTPLUS_MAX = 4096
+"""Up to this many elements ce comes from two softplus (three ops, where the per-op cost dominates); above,
+from one log1p of min(s, s̄) (seven ops, each much cheaper than a softplus)."""
 
 
 def _ce_inplace(x, tp, s, sn, pw, o: _Opts, ws: _Buffers | None = None) -> torch.Tensor:
     """ce in a new buffer, from s = σ(x) and s̄ = σ(-x): with r = relu(x), r̄ = relu(-x) = r - x (exact) and
     l = log1p(e^-|x|) = -log1p(-min(s, s̄)), ce = (1-t') r + π t' r̄ + ((1-t') + π t') l. Every term is >= 0.
-    (One log1p on a sigmoid costs less than the two softplus of (1-t') sp + π t' sp̄; for small pieces,
-    where a parallel region costs more than the arithmetic, the softplus form (1-t') sp + π t' sp̄.)"""
-    if x.numel() < _SERIAL:  # softplus runs serially here; log1p, log and exp go parallel from 2048 elements
+    (For small inputs the softplus form (1-t') sp + π t' sp̄, with fewer ops.)"""
+    if x.numel() <= _SOFTPLUS_MAX:
         ce = F.softplus(torch.neg(x), 1.0, C.SOFTPLUS_THRESHOLD)  # sp̄
         if pw is not None:
             ce.mul_(pw)
@@ -146,57 +148,100 @@ def _ce_inplace(x, tp, s, sn, pw, o: _Opts, ws: _Buffers | None = None) -> torch
     return r.lerp_(rn.mul_(pw), tp).sub_(nl.mul_(_lerp(1.0, pw, tp)))
 
 
-def _loss_piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, reduce: bool, ws: _Buffers | None = None):
-    """The elementwise loss of one piece, or its sum (cascade summation)."""
+def _piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, *, loss: bool = True, grad: bool = False,
+           ws: _Buffers | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(elementwise ℓ, dℓ/dx) of one piece, each only if asked for, sharing every intermediate: eager, in
+    place, no autograd. Both come out in the compute dtype, in buffers that the next piece reuses."""
     bits = None if mask is None else C.keep_bits(mask, o.cdtype)
     x, tp = _prepare(x, t, mask, eps, o.cdtype, bits)
     s = torch.sigmoid(x, **_new(ws, 3, x.shape))
     sn = torch.neg(x, **_new(ws, 4, x.shape)).sigmoid_()
-    ce = _ce_inplace(x, tp, s, sn, pw, o, ws)
-    if o.gamma != 0.0:
-        q = s.lerp_(sn, tp)
-        if o.gamma_int is not None:
-            for _ in range(o.gamma_int):
-                ce.mul_(q)
-        else:
-            ce.mul_(q.clamp_(min=_tiny(o.cdtype)).pow_(o.gamma))
-    _finish_inplace(ce, tp, alpha, weight, mask, bits, o, ws)
-    return ce.sum() if reduce else ce
-
-
-def _grad_piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, coef, out, ws: _Buffers | None = None) -> None:
-    """Writes coef · dℓ/dx of one piece into ``out``."""
-    bits = None if mask is None else C.keep_bits(mask, o.cdtype)
-    x, tp = _prepare(x, t, mask, eps, o.cdtype, bits)
-    s = torch.sigmoid(x, **_new(ws, 3, x.shape))
-    sn = torch.neg(x, **_new(ws, 4, x.shape)).sigmoid_()
+    ce = _ce_inplace(x, tp, s, sn, pw, o, ws) if loss or o.gamma != 0.0 else None  # buffer 1; 0 and 2 free
+    g = None
     if o.gamma == 0.0:
-        sn = sn.neg_() if pw is None else sn.mul_(-pw)
-        g = s.lerp_(sn, tp)  # (1-t') s - π t' s̄: exactly s or -π s̄ for hard targets
+        if grad:  # (1-t') s - π t' s̄: exactly s or -π s̄ for hard targets
+            g = s.lerp_(sn.neg_() if pw is None else sn.mul_(-pw), tp)
     else:
-        ce = _ce_inplace(x, tp, s, sn, pw, o, ws)  # in buffer 1; 0 and 2 are free again
         q = torch.lerp(s, sn, tp, **_new(ws, 5, x.shape))
-        u = torch.mul(s, sn, **_new(ws, 0, x.shape))
-        if o.gamma_int is None:  # q^(γ-1) may exceed 1: apply it before anything underflows
+        if o.gamma_int is not None:  # q^(γ-1) <= 1: a product (q itself for γ = 2)
+            mq = C.ipow(q, o.gamma_int - 1, inplace=False) if o.gamma_int > 1 else None
+        else:  # q^(γ-1) may exceed 1: applied before anything can underflow
             mq = torch.clamp(q, min=_tiny(o.cdtype), **_new(ws, 6, x.shape)).pow_(o.gamma - 1.0)
-            u.mul_(mq)
-            q.mul_(mq)  # q^γ
-        one_2t = torch.mul(tp, -2.0, **_new(ws, 2, tp.shape)).add_(1.0)  # 1-2t', one rounding
-        u.mul_(ce).mul_(one_2t)  # (1-2t') s s̄ ce = ce dq/dx (times q^(γ-1))
-        sn = sn.neg_() if pw is None else sn.mul_(-pw)
-        g = s.lerp_(sn, tp).mul_(q).add_(u, alpha=o.gamma)  # q dce/dx + γ ce dq/dx (times q^(γ-1))
-        if o.gamma_int is not None:  # q^(γ-1) <= 1 for a whole γ: nothing underflows early
-            for _ in range(o.gamma_int - 1):
-                g.mul_(q)
-    _finish_inplace(g, tp, alpha, weight, mask, bits, o, ws)
-    if isinstance(coef, torch.Tensor):
-        out.copy_(g.mul_(coef))
-    elif coef == 1.0:
-        out.copy_(g)
-    elif out.dtype == g.dtype and out.is_contiguous() and g.is_contiguous():
-        torch.mul(g, coef, out=out)
-    else:
-        out.copy_(g.mul_(coef))
+        if grad:
+            if pw is None:
+                d_ce = torch.addcmul(q, tp, sn, value=-2.0, **_new(ws, 0, x.shape))  # q - 2t's̄ = (1-t')s - t's̄
+            else:
+                d_ce = torch.lerp(s, torch.mul(sn, pw, **_new(ws, 0, x.shape)).neg_(), tp)
+            u = torch.mul(s, sn, **_new(ws, 2, x.shape))
+            if mq is not None:  # first: s s̄ ce may underflow where q^(γ-1) > 1
+                u.mul_(mq)
+            u.mul_(ce)
+            u.addcmul_(u, tp, value=-2.0)  # q^(γ-1) (1-2t') s s̄ ce = q^(γ-1) ce dq/dx
+        if mq is not None:
+            q = q.mul_(mq)  # q^γ
+        if grad:
+            g = d_ce.mul_(q).add_(u, alpha=o.gamma)  # q^γ dce/dx + γ q^(γ-1) ce dq/dx
+        if loss:
+            ce = ce.mul_(q)
+    factors = _factors(tp, alpha, weight, o, ws)
+    if loss:
+        _finish_inplace(ce, factors, mask, bits)
+    if grad:
+        _finish_inplace(g, factors, mask, bits)
+    return (ce if loss else None), g
+
+
+FUSE_MAX = 1 << 21
+"""Inputs of at most this many elements compute dℓ/dx with the loss in the forward pass and keep it for the
+backward, which is then one multiplication (one array of the input's size, beside the inputs). Larger ones keep
+only the inputs, as ``F.binary_cross_entropy_with_logits`` does, and the backward recomputes."""
+
+_BUFFERED = 1 << 15
+"""Inputs above this many elements reuse temporaries across pieces (:class:`_Buffers`)."""
+
+
+def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, grad: bool, coef: Any = None
+           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The eager kernels over the pieces of :func:`C.chunked`: (loss after reduction, dℓ/dx [times ``coef``])."""
+    n = x.numel()
+    ws = _Buffers(x, o.cdtype) if n > _BUFFERED else None
+    fmt = torch.contiguous_format if x.is_contiguous() else torch.preserve_format
+    per_element = o.reduction == "none" and isinstance(coef, torch.Tensor)
+    operands = (t, alpha, weight, pw, mask, coef if per_element else None)
+    pieces = [(None, (x, *operands))] if ws is None else list(C.chunked(x, *operands))
+    whole = len(pieces) == 1 and ws is None  # one piece in fresh tensors: keep them, no copies
+    g_out = None if (not grad or whole) else torch.empty_like(x, dtype=o.cdtype, memory_format=fmt)
+    l_out = None if (not loss or o.reduction != "none" or whole) else torch.empty_like(x, memory_format=fmt)
+    sums = []
+    total = g = None
+    k = coef if per_element else (None if coef is None else C.scalar_or_tensor(coef))
+    for region, (xp, tp, ap, wp, pp, mp, cp) in pieces:
+        if not per_element:
+            cp = k
+        lp, gp = _piece(xp, tp, ap, wp, pp, mp, eps, o, loss=loss, grad=grad, ws=ws)
+        if gp is not None and cp is not None:
+            gp = gp.mul_(cp)
+        if whole:
+            g, total = gp, lp
+            if lp is not None and o.reduction != "none":
+                sums.append(lp.sum())
+            break
+        if gp is not None:
+            C.piece_of(g_out, region).copy_(gp)
+        if lp is not None:
+            if l_out is not None:
+                C.piece_of(l_out, region).copy_(lp)
+            else:
+                sums.append(lp.sum())  # a cascade sum per piece; the pieces are added in float64
+    if not whole:
+        g, total = g_out, l_out
+    if loss and o.reduction != "none":
+        total = sums[0] if len(sums) == 1 else torch.stack(sums).to(torch.float64).sum()
+        if o.reduction == "mean":
+            total = total * scale
+    if total is not None and total.dtype != x.dtype:
+        total = total.to(x.dtype)
+    return total, g
 
 
 # ----------------------------------------------------------------------------------------
@@ -394,82 +439,30 @@ _NAMES = ("x", "t", "alpha", "weight", "pw", "gamma", "mask", "scale", "eps")
 
 
 def _fast(o: _Opts, eps: Any, *ts) -> bool:
-    """Whether the eager CPU kernels apply: a number gamma and smoothing, plain host tensors."""
+    """Whether the eager kernels apply: a number gamma and smoothing, no transform, no compile (on the CPU the
+    input is processed piece by piece; on an accelerator in whole-tensor kernels)."""
+    if o.eager:
+        return True
     if o.gamma is None or isinstance(eps, torch.Tensor) or C.is_compiling():
         return False
     for t in ts:
-        if isinstance(t, torch.Tensor) and (C.is_transformed(t) or not C.is_host(t)):
+        if isinstance(t, torch.Tensor) and C.is_transformed(t):
             return False
     return True
 
 
-def _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts) -> torch.Tensor:
-    with C.no_autocast(x.device):
+def _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(loss, dℓ/dx of the reduced loss per unit of its cotangent, when ``grad`` and the eager kernels apply)."""
+    with C.no_autocast(x.device, o.eager):
         if not _fast(o, eps, x, t, alpha, weight, pw, mask, scale):
             loss = _reduce(_Parts(x, t, alpha, weight, pw, gamma, mask, eps, o).loss(), o, scale)
-            return loss.to(x.dtype)
-        if o.reduction == "none":
-            out = torch.empty_like(x, memory_format=torch.contiguous_format if x.is_contiguous()
-                                   else torch.preserve_format)
-            ws = _Buffers(x, o.cdtype)
-            for region, (xp, tp, ap, wp, pp, mp) in C.chunked(x, t, alpha, weight, pw, mask):
-                C.piece_of(out, region).copy_(_loss_piece(xp, tp, ap, wp, pp, mp, eps, o, False, ws))
-            return out
-        ws = _Buffers(x, o.cdtype)
-        parts = [_loss_piece(xp, tp, ap, wp, pp, mp, eps, o, True, ws)
-                 for _, (xp, tp, ap, wp, pp, mp) in C.chunked(x, t, alpha, weight, pw, mask)]
-        # each piece is a cascade sum; the pieces are added in float64
-        total = parts[0] if len(parts) == 1 else torch.stack(parts).to(torch.float64).sum()
-        if o.reduction == "mean":
-            total = total * scale
-        return total.to(x.dtype)
-
-
-SMALL = 1024
-"""Inputs of at most this many elements compute the gradient with the loss in the forward pass and keep it
-(a few kB): the backward then costs one multiplication instead of a second pass of the formulas."""
-
-
-def _fused_small(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale):
-    """(loss after reduction, dℓ/dx times the mean's scale) of a small input, sharing every intermediate."""
-    bits = None if mask is None else C.keep_bits(mask, o.cdtype)
-    x, tp = _prepare(x, t, mask, eps, o.cdtype, bits)
-    nx = torch.neg(x)
-    s = torch.sigmoid(x)
-    ce = F.softplus(nx, 1.0, C.SOFTPLUS_THRESHOLD)
-    if pw is not None:
-        ce.mul_(pw)
-    ce = F.softplus(x, 1.0, C.SOFTPLUS_THRESHOLD).lerp_(ce, tp)
-    sn = nx.sigmoid_()
-    if o.gamma == 0.0:
-        loss = ce
-        g = s.lerp_(sn.neg_() if pw is None else sn.mul_(-pw), tp)
-    else:
-        q = torch.lerp(s, sn, tp)
-        u = torch.mul(s, sn)
-        if o.gamma_int is not None:
-            mq = C.ipow(q, o.gamma_int - 1, inplace=False) if o.gamma_int > 1 else None
-        else:
-            mq = torch.clamp(q, min=_tiny(o.cdtype)).pow_(o.gamma - 1.0)
-        if mq is not None:  # q^(γ-1) first: it may exceed 1, and s s̄ ce may underflow before it
-            u.mul_(mq)
-            q.mul_(mq)  # q^γ
-        u.mul_(ce).mul_(torch.rsub(tp, 1.0, alpha=2.0))  # γ^-1 d(q^γ)/dx ce
-        loss = ce.mul_(q)
-        g = s.lerp_(sn.neg_() if pw is None else sn.mul_(-pw), tp).mul_(q).add_(u, alpha=o.gamma)
-    _finish_inplace(loss, tp, alpha, weight, mask, bits, o)
-    _finish_inplace(g, tp, alpha, weight, mask, bits, o)
-    if o.reduction == "none":
-        return loss.to(x.dtype), g
-    total = loss.sum()
-    if o.reduction == "mean":
-        total = total * scale
-        g = g.mul_(scale)
-    return total, g
+            return loss.to(x.dtype), None
+        return _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=True, grad=grad)
 
 
 def _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad_x=None) -> None:
-    """Saves the inputs (numbers as attributes; a small input's gradient too); the rules recompute the rest."""
+    """Saves the inputs (numbers as attributes) and a precomputed dℓ/dx; the rules recompute the rest."""
     ctx.o = o
     ctx.x_dtype = x.dtype
     ctx.scale_value = None if isinstance(scale, torch.Tensor) else scale
@@ -491,8 +484,16 @@ def _unpack(ctx):
 
 
 def _backward(ctx, grad_out):
-    x, t, alpha, weight, pw, gamma, mask, scale, eps = _unpack(ctx)
     o: _Opts = ctx.o
+    if ctx.has_grad_x and not torch.is_grad_enabled():  # dℓ/dx came with the loss: one multiplication
+        g = ctx.saved_tensors[9]
+        with C.no_autocast(g.device, o.eager):
+            coef = grad_out if grad_out.dtype == g.dtype else grad_out.to(g.dtype)
+            if o.reduction == "mean":
+                coef = coef * (ctx.scale_value if ctx.scale_value is not None else ctx.saved_tensors[7])
+            g = g * coef
+            return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype), *(None,) * 9)
+    x, t, alpha, weight, pw, gamma, mask, scale, eps = _unpack(ctx)
     need = ctx.needs_input_grad
     grads: list[Any] = [None] * 10
     with C.no_autocast(x.device):
@@ -501,20 +502,10 @@ def _backward(ctx, grad_out):
             coef: Any = grad_out.to(cd)
         else:
             coef = grad_out.to(cd) * scale if o.reduction == "mean" else grad_out.to(cd)
-        fast = (need[0] and not torch.is_grad_enabled()
-                and _fast(o, eps, x, t, alpha, weight, pw, mask, grad_out, scale))
-        if fast:
-            grad = torch.empty_like(x, memory_format=torch.contiguous_format if x.is_contiguous()
-                                    else torch.preserve_format)
-            if o.reduction == "none":
-                pieces = C.chunked(x, t, alpha, weight, pw, mask, coef)
-            else:
-                k = C.scalar_or_tensor(coef)
-                pieces = ((r, (*p, k)) for r, p in C.chunked(x, t, alpha, weight, pw, mask))
-            ws = _Buffers(x, cd)
-            for region, (xp, tp, ap, wp, pp, mp, cp) in pieces:
-                _grad_piece(xp, tp, ap, wp, pp, mp, eps, o, cp, C.piece_of(grad, region), ws)
-            grads[0] = grad
+        if (need[0] and not torch.is_grad_enabled()
+                and _fast(o, eps, x, t, alpha, weight, pw, mask, grad_out, scale)):
+            grads[0] = _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=False, grad=True, coef=coef)[1]
+            grads[0] = grads[0].to(x.dtype)
         if any(need[i] and grads[i] is None for i in range(6)):
             p = _Parts(x, t, alpha, weight, pw, gamma, mask, eps, o)
             rules = (p.d_x, p.d_tp, p.d_alpha, p.d_weight, p.d_pw, p.d_gamma)
@@ -551,29 +542,19 @@ def _jvp(ctx, *tangents):
 
 
 class _SigmoidFocal(torch.autograd.Function):
-    """Eager mode (and forward-mode AD through ``jvp``). A reduced loss is reduced inside, so nothing of
-    the input's size is saved but the inputs (and, for inputs of at most :data:`SMALL` elements, the
-    gradient computed with the loss)."""
+    """Eager mode (and forward-mode AD through ``jvp``). A reduced loss is reduced inside. Inputs of at most
+    :data:`FUSE_MAX` elements whose only gradient is dℓ/dx get it computed with the loss and saved; larger ones
+    save nothing of the input's size but the inputs."""
 
     @staticmethod
     def forward(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o):  # type: ignore[override]
-        if (x.numel() <= SMALL and ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:6])
-                and _fast(o, eps, x, t, alpha, weight, pw, mask, scale)):
-            with C.no_autocast(x.device):
-                loss, grad_x = _fused_small(x, t, alpha, weight, pw, mask, eps, o, scale)
-            _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o, grad_x)
-            return loss.to(x.dtype)
-        _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o)
-        return _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o)
+        need = ctx.needs_input_grad
+        fuse = need[0] and x.numel() <= FUSE_MAX and not (need[1] or need[2] or need[3] or need[4] or need[5])
+        loss, grad_x = _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o, fuse)
+        _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o, grad_x)
+        return loss
 
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        if not ctx.has_grad_x or torch.is_grad_enabled():
-            return _backward(ctx, grad_out)
-        g = ctx.saved_tensors[9]
-        with C.no_autocast(g.device):
-            return (torch.mul(g, grad_out.to(g.dtype)).to(ctx.x_dtype), *(None,) * 9)
-
+    backward = staticmethod(_backward)
     jvp = staticmethod(_jvp)
 
 
@@ -583,7 +564,7 @@ class _SigmoidFocalCompiled(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o):  # type: ignore[override]
         _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o)
-        return _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o)
+        return _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o)[0]
 
     backward = staticmethod(_backward)
 
@@ -596,7 +577,7 @@ class _SigmoidFocalFunc(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o):  # type: ignore[override]
-        return _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o)
+        return _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o)[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -622,6 +603,52 @@ def _options(x_shape, x_dtype, t_shape, t_dtype, **kw) -> focal_spec.SigmoidOpti
     if not C.is_compiling() and all(_hashable(kw[k]) for k in ("gamma", "alpha", "label_smoothing", "reduction")):
         return _options_cached(x_shape, x_dtype, t_shape, t_dtype, **kw)
     return focal_spec.sigmoid_options(x_shape, x_dtype, t_shape, t_dtype, **kw)
+
+
+class _Plain(NamedTuple):
+    o: _Opts
+    eps: float
+
+
+_PLAIN: dict[tuple, _Plain | None] = {}
+_NUMBER = (int, float)
+
+
+def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, alpha: Any, label_smoothing: Any,
+                reduction: Any) -> tuple[_Plain, float] | None:
+    """The common call, with little Python between the user and the kernels: plain tensors, number options, no
+    weight, pos_weight, where or process group, eager, outside ``torch.func`` and forward-mode AD, autocast off.
+    Its options are validated by the spec once per static facts (shapes, dtypes, device, option values) and
+    cached; the targets' values are checked at every call. None: the general path applies."""
+    if (type(gamma) not in _NUMBER or not (alpha is None or type(alpha) in _NUMBER)
+            or type(label_smoothing) not in _NUMBER or type(reduction) is not str or target.requires_grad
+            or torch.compiler.is_compiling()
+            or torch._C._functorch.maybe_current_level() is not None
+            or torch.autograd.forward_ad._current_level >= 0):
+        return None
+    dev = input.device
+    if dev.type not in ("cpu", "cuda") or torch.is_autocast_enabled(dev.type):
+        return None
+    key = (input.shape, input.dtype, dev, target.shape, target.dtype, target.device, gamma, alpha, label_smoothing,
+           reduction)
+    plain = _PLAIN.get(key)
+    if plain is None:
+        if key in _PLAIN:
+            return None
+        if target.device != dev:
+            _PLAIN[key] = None
+            return None
+        o = _options(tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=gamma, alpha=alpha,
+                     weight_shape=None, label_smoothing=label_smoothing, where_shape=None, reduction=reduction,
+                     where_dtype="bool", pos_weight_shape=None)
+        opts = _Opts(o.gamma, o.gamma_int, o.alpha, o.reduction, C.compute_dtype(input.dtype), False, True)
+        if len(_PLAIN) > 512:
+            _PLAIN.clear()
+        plain = _PLAIN[key] = _Plain(opts, o.label_smoothing)
+    if target.dtype != torch.bool:
+        _check_targets(target, None, input.shape)
+    n = input.numel()
+    return plain, (1.0 / n if n else 0.0)
 
 
 def _check_targets(target: torch.Tensor, mask: torch.Tensor | None, shape) -> None:
@@ -662,6 +689,9 @@ def sigmoid_focal_loss(
     where: torch.Tensor | None = None,
     reduction: str = focal_spec.REDUCTION,
     process_group: Any = None,
+    poly1: float = 0.0,
+    normalized: bool = False,
+    reduced_threshold: float | None = None,
 ) -> torch.Tensor:
     r"""Sigmoid focal loss for binary and multi-label classification.
 
@@ -710,6 +740,17 @@ def sigmoid_focal_loss(
         counted elements is all-reduced over the group (without gradient), and each rank returns
         ``world_size * local_sum / global_count``: DDP's gradient averaging then yields exactly the
         gradient of the mean over the global batch. Ignored for ``"sum"`` and ``"none"``.
+      poly1: :math:`\varepsilon_1` of Poly-1 (Leng et al. 2022), any finite number (keyword only):
+        adds :math:`\alpha_t w \varepsilon_1 (1-p_t)^{\gamma+1}` to each element; 0 is off.
+      normalized: ``True`` divides each element's loss by :math:`\sum m` over the counted elements
+        (:math:`m` the modulators, gradient included) before ``reduction``; at :math:`\gamma = 0`,
+        ``"sum"`` is then the mean cross-entropy. Not with a ``process_group``: the sum is per call.
+      reduced_threshold: ``None`` (off) or :math:`th \in (0, 1]`: the modulator is 1 where
+        :math:`p_t < th` and :math:`((1-p_t)/th)^\gamma` elsewhere (reduced focal loss).
+        These three, and a ``gamma`` given as a :class:`focal_spec.GammaSchedule` (one
+        :math:`\gamma` per element from the detached :math:`p_t`, such as ``focal_spec.FLSD_53``),
+        are defined and validated by :mod:`focal_spec.variants` and computed by plain
+        differentiable formulas (:mod:`focal_torch._variants_torch`); the defaults change nothing.
 
     Gradients flow to every floating tensor that requires them: ``input``, ``target``, ``alpha``,
     ``weight``, ``pos_weight`` and ``gamma`` (:math:`d\ell/d\gamma = \ell \log(1-p_t)`), with closed
@@ -752,13 +793,23 @@ def sigmoid_focal_loss(
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
-    C.check_tensor("input", input)
+    if (poly1 != 0.0 or normalized is not False or reduced_threshold is not None
+            or isinstance(gamma, focal_spec.variants.GammaSchedule)):
+        from focal_torch import _variants_torch
+
+        return _variants_torch.sigmoid_variant_loss(
+            input, target, gamma=gamma, alpha=alpha, weight=weight, pos_weight=pos_weight,
+            label_smoothing=label_smoothing, where=where, reduction=reduction, process_group=process_group,
+            poly1=poly1, normalized=normalized, reduced_threshold=reduced_threshold)
+    if (weight is None and pos_weight is None and where is None and process_group is None
+            and type(input) is torch.Tensor and type(target) is torch.Tensor):
+        plain = _plain_call(input, target, gamma, alpha, label_smoothing, reduction)
+        if plain is not None:
+            opts, scale = plain
+            return _SigmoidFocal.apply(input, target, None, None, None, None, None, scale, opts.eps, opts.o)
+    target = C.checked_target(input, target, gamma=gamma, alpha=alpha, weight=weight, pos_weight=pos_weight,
+                              where=where)
     dev = input.device
-    if not isinstance(target, torch.Tensor):
-        target = torch.as_tensor(target, device=dev)
-    for name, value in (("target", target), ("gamma", gamma), ("alpha", alpha), ("weight", weight),
-                        ("pos_weight", pos_weight), ("where", where)):
-        C.check_device(name, value, dev)
     o = _options(
         tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=C.spec_gamma(gamma),
         alpha=C.spec_value(alpha), weight_shape=C.shape_of(weight), label_smoothing=C.spec_value(label_smoothing),
@@ -794,7 +845,7 @@ def sigmoid_focal_loss(
     if not checked and C.can_check_values(target) and (mask is None or C.can_check_values(mask)):
         _check_targets(target, mask, input.shape)
         checked = True
-    opts = _Opts(g_num, g_int, a_num, o.reduction, cdtype, not checked)
+    opts = _Opts(g_num, g_int, a_num, o.reduction, cdtype, not checked, False)
     scale: torch.Tensor | float = 1.0
     if o.reduction == "mean":
         if mask is None:

@@ -121,6 +121,9 @@ class _IndexFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ys, yk, weight, scale, o: _Opts, all_counted: bool):  # type: ignore[override]
         d = o.dim
+        if all_counted and ctx.needs_input_grad[0] and x.numel() <= FUSE_MAX:
+            return _fused_forward(ctx, x, ys, yk, weight, scale, o)
+        ctx.grad_x = False
         with _no_autocast(x.device):
             lp = torch.log_softmax(x.to(o.cdtype), d)
             lpy = lp.gather(d, yk)
@@ -141,18 +144,7 @@ class _IndexFocal(torch.autograd.Function):
                 ctx.mask_rows = bool((~counted & ~torch.isfinite(lpy)).any())
             else:
                 ctx.mask_rows = True
-            ctx.o, ctx.all_counted, ctx.x_dtype = o, all_counted, x.dtype
-            ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
-            ctx.scale = None if ctx.scale_is_tensor else scale
-            ctx.x_ref, ctx.x_version = weakref.ref(x), x._version
-            ctx.save_for_backward(lp, ys, weight, scale if ctx.scale_is_tensor else None)
-            loss = loss.squeeze(d)
-            if o.reduction == "none":
-                return loss.to(x.dtype)
-            total = loss.sum()
-            if o.reduction == "mean":
-                total = total * scale
-            return total.to(x.dtype)
+            return _keep_and_reduce(ctx, x, lp, ys, weight, scale, o, all_counted, loss.squeeze(d))
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -165,6 +157,14 @@ class _IndexFocal(torch.autograd.Function):
         scale = scale_t if ctx.scale_is_tensor else ctx.scale
         if torch.is_grad_enabled():
             return _index_double_backward(ctx, grad_out, ys, weight, scale), *none
+        if ctx.grad_x:  # lp holds dℓ/dx, computed with the loss: one multiplication
+            go = grad_out if grad_out.dtype == lp.dtype else grad_out.to(lp.dtype)
+            if o.reduction == "none":
+                go = go.unsqueeze(d)
+            elif o.reduction == "mean":
+                go = go * scale
+            g = lp * go
+            return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype)), *none
         with _no_autocast(lp.device):
             yk = ys.unsqueeze(d)
             if not ctx.all_counted:
@@ -190,6 +190,53 @@ class _IndexFocal(torch.autograd.Function):
             if ctx.mask_rows:
                 grad = torch.where(counted, grad, 0.0)
             return grad.to(ctx.x_dtype), *none
+
+
+FUSE_MAX = 1 << 16
+"""Integer-label inputs of at most this many elements, all positions counted, compute dℓ/dx with the loss and
+keep it (in place of the log-probabilities, the same size) for a backward of one multiplication."""
+
+
+def _fused_forward(ctx, x, ys, yk, weight, scale, o: _Opts) -> torch.Tensor:
+    """The loss and dℓ/dx of a small input in one pass. With p = softmax(x): 1 - p_y = Σ_{k≠y} p_k, a sum
+    of non-negative terms, accurate at every margin; log p_y is log1p(-(1 - p_y)) where p_y > 1/2 (where
+    the log-softmax has lost the digits of 1 - p_y) and the log-softmax's elsewhere; dℓ/dx_k = κ (δ_ky - p_k),
+    with the label's entry κ (1 - p_y)."""
+    d = o.dim
+    with _no_autocast(x.device):
+        lp = torch.log_softmax(x if x.dtype == o.cdtype else x.to(o.cdtype), d)
+        lpy = lp.gather(d, yk)
+        pz = torch.exp(lp).scatter_(d, yk, 0.0)  # p with the label's entry cleared
+        u = pz.sum(d, keepdim=True)  # 1 - p_y
+        lpy = torch.where(lpy > -C.LN2, torch.log1p(torch.neg(u)), lpy)
+        loss = (_modulator(u, o) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
+        kappa = _kappa(lpy, u, o)
+        if weight is not None:
+            wy = weight[yk]
+            loss = loss * wy
+            kappa = kappa * wy
+        if not isinstance(kappa, torch.Tensor):
+            kappa = torch.full_like(u, kappa)
+        grad = pz.mul_(kappa.neg()).scatter_(d, yk, kappa * u)
+        ctx.grad_x, ctx.mask_rows = True, False
+        return _keep_and_reduce(ctx, x, grad, ys, weight, scale, o, True, loss.squeeze(d))
+
+
+def _keep_and_reduce(ctx, x, kept, ys, weight, scale, o: _Opts, all_counted: bool, loss: torch.Tensor
+                     ) -> torch.Tensor:
+    """Saves what the backward reads (``kept``: the log-probabilities, or dℓ/dx) and reduces the per-position
+    loss."""
+    ctx.o, ctx.all_counted, ctx.x_dtype = o, all_counted, x.dtype
+    ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
+    ctx.scale = None if ctx.scale_is_tensor else scale
+    ctx.x_ref, ctx.x_version = weakref.ref(x), x._version
+    ctx.save_for_backward(kept, ys, weight, scale if ctx.scale_is_tensor else None)
+    if o.reduction == "none":
+        return loss if loss.dtype == x.dtype else loss.to(x.dtype)
+    total = loss.sum()
+    if o.reduction == "mean":
+        total = total * scale
+    return total if total.dtype == x.dtype else total.to(x.dtype)
 
 
 def _index_double_backward(ctx, grad_out, ys, weight, scale):
@@ -396,6 +443,7 @@ def softmax_focal_loss(
     dim: int = focal_spec.TORCH_CLASS_DIM,
     reduction: str = focal_spec.REDUCTION,
     process_group: Any = None,
+    poly1: float = 0.0,
 ) -> torch.Tensor:
     r"""Softmax focal loss for multi-class classification, with ``F.cross_entropy``'s conventions.
 
@@ -450,6 +498,10 @@ def softmax_focal_loss(
         is all-reduced over the group (without gradient) and each rank returns
         ``world_size * local_sum / global_denominator``, so that DDP's gradient averaging gives exactly
         the gradient of the global-batch mean. Ignored for ``"sum"`` and ``"none"``.
+      poly1: :math:`\varepsilon_1` of Poly-1 (Leng et al. 2022), any finite number (keyword only):
+        adds :math:`\varepsilon_1 \sum_c w_c q_c (1-p_c)^{\gamma_c+1}` to each position's loss; 0 is
+        off. Defined and validated by :mod:`focal_spec.variants`; a non-zero value is computed by
+        plain differentiable formulas (:mod:`focal_torch._variants_torch`).
 
     Returns:
       ``"none"``: the per-position loss, ``input``'s shape without the class dim, ``input``'s dtype.
@@ -483,13 +535,19 @@ def softmax_focal_loss(
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
-    C.check_tensor("input", input)
+    if poly1 != 0.0:
+        from focal_torch import _variants_torch
+
+        return _variants_torch.softmax_variant_loss(
+            input, target, gamma=gamma, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            where=where, dim=dim, reduction=reduction, process_group=process_group, poly1=poly1)
+    if (weight is None and where is None and process_group is None and type(input) is torch.Tensor
+            and type(target) is torch.Tensor and not target.is_floating_point()):
+        plain = _plain_call(input, target, gamma, ignore_index, label_smoothing, dim, reduction)
+        if plain is not None:
+            return _IndexFocal.apply(input, *plain, True)
+    target = C.checked_target(input, target, weight=weight, where=where)
     dev = input.device
-    if not isinstance(target, torch.Tensor):
-        target = torch.as_tensor(target, device=dev)
-    C.check_device("target", target, dev)
-    C.check_device("weight", weight, dev)
-    C.check_device("where", where, dev)
     o = _options(input, target, gamma, weight, ignore_index, label_smoothing, where, dim, reduction)
     cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # C.compute_dtype, inlined
     d = o.axis
@@ -571,6 +629,48 @@ def softmax_focal_loss(
         wy = weight_t.to(cdtype)[labels] if nc > 0 else torch.zeros(labels.shape, dtype=cdtype, device=dev)
         count = (wy if valid is None else torch.where(valid, wy, 0.0)).sum()
     return _reduce(loss, count, process_group, opts, dev, input.dtype)
+
+
+_PLAIN: dict[tuple, _Opts | None] = {}
+
+
+def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, ignore_index: Any, label_smoothing: Any,
+                dim: Any, reduction: Any) -> tuple | None:
+    """The common call, with little Python between the user and the kernels: integer labels, all in range
+    (checked at every call: one read), none ignored, a number γ, no smoothing, weight, where or process group,
+    eager, outside ``torch.func`` and forward-mode AD, autocast off. Its options are validated by the spec once
+    per static facts and cached. None: the general path applies (and gives every error)."""
+    if (type(gamma) not in (int, float) or type(label_smoothing) not in (int, float) or type(ignore_index) is not int
+            or type(dim) is not int or type(reduction) is not str or torch.compiler.is_compiling()
+            or torch._C._functorch.maybe_current_level() is not None or _forward_ad_active()):
+        return None
+    dev = input.device
+    if dev.type not in ("cpu", "cuda") or target.device != dev or torch.is_autocast_enabled(dev.type):
+        return None
+    key = (input.shape, input.dtype, dev, target.shape, target.dtype, gamma, ignore_index, label_smoothing, dim,
+           reduction)
+    o = _PLAIN.get(key)
+    if o is None:
+        if key in _PLAIN:
+            return None
+        so = _options(input, target, gamma, None, ignore_index, label_smoothing, None, dim, reduction)
+        cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        ok = so.label_kind == "index" and so.label_smoothing == 0.0 and so.num_classes >= 2 and so.gamma is not None
+        o = _Opts(so.axis, so.num_classes, so.reduction, cdtype, so.gamma, so.gamma_int) if ok else None
+        if len(_PLAIN) > 512:
+            _PLAIN.clear()
+        _PLAIN[key] = o
+        if o is None:
+            return None
+    n = target.numel()
+    if n == 0:
+        return None
+    lo, hi = torch.aminmax(target)  # the label check's one read (a host sync off the CPU)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= o.num_classes or lo <= ignore_index <= hi:  # out of range or ignored: the general path
+        return None
+    y = target if target.dtype == torch.int64 else target.long()
+    return y, y.unsqueeze(o.dim), None, (1.0 / n if o.reduction == "mean" else 1.0), o
 
 
 def _index_count(ys, yk, weight, n, d):

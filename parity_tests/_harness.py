@@ -455,9 +455,10 @@ def sigmoid_scales(inp: Inputs) -> tuple[np.ndarray, np.ndarray]:
     return _reduce_scale(sv, sg, kw.get("reduction", "mean"), float(mask.sum()))
 
 
-def softmax_scales(inp: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Condition scales ``S`` of the value and of the gradient, and ``S_ref`` of the reference's gradient
-    formula, for ``inp`` as held (class axis 1)."""
+def softmax_setup(inp: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """The pieces every softmax condition scale starts from, for ``inp`` as held (class axis 1): the logits
+    (classes last, 0 at positions not counted), the counted positions, |w| per class, the (smoothed) label
+    distribution q, and the mean's denominator."""
     kw = dict(inp.kwargs)
     x = np.moveaxis(np.asarray(inp.logits, np.float64), 1, -1)
     c = x.shape[-1]
@@ -475,7 +476,16 @@ def softmax_scales(inp: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     else:
         q = np.moveaxis(labels.astype(np.float64), 1, -1) * (1.0 - eps) + eps / c
         denom = float(valid.sum())
-    x = np.where(valid[..., None], x, 0.0)
+    return np.where(valid[..., None], x, 0.0), valid, w, q, denom
+
+
+def softmax_scales(inp: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Condition scales ``S`` of the value and of the gradient, and ``S_ref`` of the reference's gradient
+    formula, for ``inp`` as held (class axis 1)."""
+    kw = dict(inp.kwargs)
+    x, valid, w, q, denom = softmax_setup(inp)
+    c = x.shape[-1]
+    positions = x.shape[:-1]
     q = np.where(valid[..., None], np.abs(q), 0.0)
     lse = np.logaddexp.reduce(x, axis=-1, keepdims=True)
     others = np.stack([np.logaddexp.reduce(np.delete(x, k, axis=-1), axis=-1) if c > 1

@@ -30,12 +30,16 @@ BENCH = load_benchmark()
 TORCHVISION_FORMULA = BENCH.torchvision_formula
 
 
+FAMILY_PEER = {"asl": "timm ASL formula", "qfl": "mmdet QFL formula"}  # the same name in both frameworks
+
+
 def expected_impls(backend: str, kind: str) -> set[str]:
     if backend == "torch":
-        peers = {"sigmoid": ["torchvision formula"], "softmax": ["naive formula"]}[kind]
-        peers += [BENCH.KORNIA[kind]] if HAS_KORNIA else []
+        peers = {"sigmoid": ["torchvision formula"], "softmax": ["naive formula"], **{
+            k: [v] for k, v in FAMILY_PEER.items()}}[kind]
+        peers += [BENCH.KORNIA[kind]] if HAS_KORNIA and kind in BENCH.KORNIA else []
         return {"ours", BENCH.TORCH_CE[kind], "copy", *peers}
-    peer = {"sigmoid": "optax.sigmoid_focal_loss", "softmax": "naive formula"}[kind]
+    peer = {"sigmoid": "optax.sigmoid_focal_loss", "softmax": "naive formula", **FAMILY_PEER}[kind]
     return {"ours", BENCH.JAX_CE[kind], "copy", peer}
 
 
@@ -43,8 +47,8 @@ def expected_traffic(kind: str, backend: str, shape: tuple[int, ...]) -> tuple[i
     """(focal loss, copy) bytes: forward reads logits and targets, backward reads them again and writes
     the gradient; a copy reads and writes the logits."""
     logits = 4 * math.prod(shape)
-    if kind == "sigmoid":
-        targets = logits  # float32 0/1 targets
+    if kind != "softmax":
+        targets = logits  # float32 targets: 0/1, multi-hot or soft
     else:
         positions = math.prod(shape) // shape[1]
         targets = positions * (8 if backend == "torch" else 4)  # int64 labels in torch, int32 in JAX
@@ -127,7 +131,8 @@ def test_correctness_checks_ran_and_passed(smoke):
         for backend in ("torch", "jax"):
             assert (backend, case.id, "ours vs float64 reference") in ran, (backend, case.id)
             ce = (BENCH.TORCH_CE if backend == "torch" else BENCH.JAX_CE)[case.kind]
-            assert any(b == backend and c == case.id and name.startswith("ours(gamma=0") and name.endswith(ce)
+            zero = f"ours({BENCH.GAMMA0_LABEL[case.kind]})"
+            assert any(b == backend and c == case.id and name.startswith(zero) and name.endswith(ce)
                        for b, c, name in ran), (backend, case.id)
             for impl in expected_impls(backend, case.kind) - {"ours", "copy", ce}:
                 assert any(b == backend and c == case.id and name.startswith(f"ours vs {impl}")
@@ -140,8 +145,9 @@ def test_correctness_checks_ran_and_passed(smoke):
 
 def test_targets_are_reported_but_not_meaningful_at_smoke_sizes(smoke):
     result, _ = smoke
-    reported = {(t["case"], t["target"]) for t in result["targets"]}
-    assert reported == {(t.case, f"ours / {t.against}") for t in BENCH.TARGETS}
+    reported = {(t["case"], t["backend"], t["target"]) for t in result["targets"]}
+    assert reported == {(t.case, t.backend, f"ours / {t.against}") for t in BENCH.TARGETS}
+    assert {t.backend for t in BENCH.TARGETS} == {"torch", "jax"}
     for target in result["targets"]:
         assert target["meaningful"] is False
         assert math.isfinite(target["value"]) and target["value"] > 0, target
@@ -149,7 +155,8 @@ def test_targets_are_reported_but_not_meaningful_at_smoke_sizes(smoke):
                                  else target["value"] <= target["limit"])
     for row in result["rows"]:
         if row["targets"]:
-            assert row["impl"] == "ours" and row["backend"] == "torch"
+            assert row["impl"] == "ours"
+            assert {t["backend"] for t in row["targets"]} == {row["backend"]}
             assert row["met"] == all(t["met"] for t in row["targets"])
 
 
@@ -207,6 +214,52 @@ def test_a_wrong_gamma_in_ours_fails_the_run(tmp_path, monkeypatch, backend):
                       "--json", str(path)]) == 1
     failed = {c["check"] for c in json.loads(path.read_text())["checks"] if not c["passed"]}
     assert "ours vs float64 reference" in failed and "ours vs naive formula" in failed
+
+
+def timm_without_clip(backend):
+    right = BENCH.timm_asl_formula if backend == "torch" else BENCH.timm_asl_formula_jax
+    return lambda x, y, gamma_pos, gamma_neg, clip: right(x, y, gamma_pos, gamma_neg, 0.0)
+
+
+def mmdet_without_positives(backend):
+    right = BENCH.mmdet_qfl_formula if backend == "torch" else BENCH.mmdet_qfl_formula_jax
+    return lambda x, score, beta: right(x, 0 * score, beta)
+
+
+FAMILY_PEERS = {"torch": ("timm_asl_formula", "mmdet_qfl_formula"),
+                "jax": ("timm_asl_formula_jax", "mmdet_qfl_formula_jax")}
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("which, breaker, case", [
+    (0, timm_without_clip, "asl-256x9605-g4"),
+    (1, mmdet_without_positives, "qfl-8192x1024-b2"),
+], ids=["timm-asl-formula-without-clip", "mmdet-qfl-formula-without-positives"])
+def test_a_broken_family_peer_fails_the_run(tmp_path, monkeypatch, backend, which, breaker, case):
+    monkeypatch.setattr(BENCH, FAMILY_PEERS[backend][which], breaker(backend))
+    path = tmp_path / "broken.json"
+    assert BENCH.cli(["--smoke", "--only", backend, "--cases", case, "--rounds", "1", "--json", str(path)]) == 1
+    failed = [c["check"] for c in json.loads(path.read_text())["checks"] if not c["passed"]]
+    assert failed == [f"ours vs {FAMILY_PEER[case.split('-')[0]]}"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("function, exponent, case", [
+    ("asymmetric_loss", "gamma_neg", "asl-256x9605-g4"),
+    ("quality_focal_loss", "beta", "qfl-8192x1024-b2"),
+], ids=["asl-gamma-neg", "qfl-beta"])
+def test_a_wrong_exponent_in_ours_fails_the_family_run(tmp_path, monkeypatch, backend, function, exponent, case):
+    module = pytest.importorskip(f"focal_{backend}")
+    right = getattr(module, function)
+
+    def wrong(*a, **k):
+        return right(*a, **dict(k, **{exponent: k[exponent] + 1.0}))
+
+    monkeypatch.setattr(module, function, wrong)
+    path = tmp_path / "broken.json"
+    assert BENCH.cli(["--smoke", "--only", backend, "--cases", case, "--rounds", "1", "--json", str(path)]) == 1
+    failed = {c["check"] for c in json.loads(path.read_text())["checks"] if not c["passed"]}
+    assert "ours vs float64 reference" in failed and f"ours vs {FAMILY_PEER[case.split('-')[0]]}" in failed
 
 
 def test_float32_gradient_error_is_measured_against_the_scale_of_the_reference():

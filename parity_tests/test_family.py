@@ -770,3 +770,185 @@ def test_twins_share_arguments_and_defaults(name):
         f = {n: p for n, p in t.items() if n not in ("input", "target")}
         assert [n for n in m if n != "self"] == list(f)
         assert all(m[n].default == f[n].default for n in f)
+
+
+# ----------------------------------------------------------------------------------------
+# The closed-form paths of ASL and QFL: torch's eager kernels (pieces, layouts, which calls take them,
+# and the plain formulas they stand in for) and JAX's custom JVP (target derivatives, second derivatives).
+# ----------------------------------------------------------------------------------------
+
+KERNEL_LOSSES = ("asymmetric", "quality_focal")
+PLAIN_GRID = [p for p in GRID if p.values[0] in KERNEL_LOSSES]
+
+
+@pytest.fixture
+def plain_torch_formulas(monkeypatch):
+    from focal_torch import _family
+
+    monkeypatch.setattr(_family, "EAGER_KERNELS", False)
+
+
+@pytest.mark.parametrize(("loss", "cid"), PLAIN_GRID)
+def test_torch_plain_formulas_match_the_float64_reference(plain_torch_formulas, loss, cid):
+    """What torch.compile, torch.func and double backward differentiate, on the grid the kernels pass."""
+    value, grad, sv, sg = _expected(loss, cid)
+    inp = _inputs(loss, _CASE_OF[cid])
+    v, g = run_torch(loss, inp["logits"], inp["targets"], inp["dtype"], **inp["kwargs"])
+    H.assert_close(v, value, inp["dtype"], "plain torch value", scale=sv)
+    H.assert_close(g, grad, inp["dtype"], "plain torch gradient", scale=sg)
+
+
+@pytest.mark.parametrize("layout", ["flat", "rows", "whole"])
+@pytest.mark.parametrize("hyper", [0, 1], ids=["default", "fractional"])
+@pytest.mark.parametrize("loss", KERNEL_LOSSES)
+def test_torch_kernels_match_the_reference_across_pieces(monkeypatch, loss, hyper, layout):
+    """Inputs of several pieces (contiguous: flat pieces; transposed, with per-class weights and a mask: row
+    pieces) and the accelerator's whole-tensor path, elementwise and reduced, against the reference."""
+    import torch
+
+    from focal_torch import _common, _family
+
+    monkeypatch.setattr(_common, "CHUNK", 256)  # pieces of 256 elements per thread: 4000 elements make several
+    if layout == "whole":
+        monkeypatch.setattr(_common, "ACCELERATOR_PATHS", True)
+    rng = np.random.default_rng(11)
+    n, c = 40, 100
+    x = rng.normal(scale=4.0, size=(c, n) if layout == "rows" else (n, c)).astype(np.float32)
+    x = x.T if layout == "rows" else x
+    t = np.where(rng.uniform(size=(n, c)) < 0.1, rng.uniform(0.05, 1.0, size=(n, c)), 0.0).astype(np.float32)
+    kw: dict[str, Any] = dict(HYPER[loss][hyper])
+    if layout == "rows":
+        kw["weight"] = rng.uniform(0.5, 2.0, size=c).astype(np.float32)
+        kw["where"] = rng.uniform(size=(n, c)) < 0.9
+    xt = torch.from_numpy(np.ascontiguousarray(x.T).T if layout == "rows" else x).requires_grad_()
+    assert xt.is_contiguous() == (layout != "rows")
+    targs = {k: torch.as_tensor(v) for k, v in kw.items() if k in ("weight", "where")}
+    fn = getattr(_family, f"{loss}_loss")
+    calls = []
+    apply = _family._FamilyKernel.apply
+    monkeypatch.setattr(_family._FamilyKernel, "apply", lambda *a: calls.append(1) or apply(*a))
+    for reduction in ("none", "mean"):
+        out = fn(xt, torch.from_numpy(t), **dict(kw, **targs), reduction=reduction)
+        (g,) = torch.autograd.grad(out.sum(), xt)
+        value, grad = REFERENCES[loss](x.astype(np.float64), t, **kw, reduction=reduction)
+        sv, sg = _scales(loss, x.astype(np.float64), t.astype(np.float64), kw)
+        if reduction == "mean":
+            k = 1.0 / (kw["where"].sum() if "where" in kw else x.size)
+            sv, sg = sv.sum() * k, sg * k
+        H.assert_close(out.detach().numpy(), value, "float32", f"{reduction} value", scale=sv)
+        H.assert_close(g.numpy(), grad, "float32", f"{reduction} gradient", scale=sg)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("loss", KERNEL_LOSSES)
+def test_torch_kernels_take_eager_calls_that_need_only_the_logits_gradient(monkeypatch, loss):
+    import torch
+    from torch.func import grad
+
+    from focal_torch import _family
+
+    calls = []
+    apply = _family._FamilyKernel.apply
+    monkeypatch.setattr(_family._FamilyKernel, "apply", lambda *a: calls.append(1) or apply(*a))
+    fn = getattr(_family, f"{loss}_loss")
+    x = torch.tensor(X, requires_grad=True)
+    t = torch.tensor(SOFT)
+
+    def taken(f) -> bool:
+        calls.clear()
+        f()
+        return bool(calls)
+
+    assert taken(lambda: fn(x, t))
+    assert taken(lambda: fn(x.detach(), t))
+    with torch.no_grad():
+        assert taken(lambda: fn(x, t))
+    assert not taken(lambda: fn(x, t.clone().requires_grad_()))  # gradients for the targets: plain formulas
+    assert not taken(lambda: fn(x, t, weight=torch.ones(X.size, dtype=torch.float64, requires_grad=True)))
+    assert not taken(lambda: grad(lambda z: fn(z, t))(x.detach()))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x.detach(), torch.ones_like(x))
+        assert not taken(lambda: fn(dual, t))
+    monkeypatch.setattr(_family, "EAGER_KERNELS", False)
+    assert not taken(lambda: fn(x, t))
+
+
+@pytest.mark.parametrize(("loss", "kw"), [p for p in EXPONENT_CASES if p.values[0] in KERNEL_LOSSES])
+def test_torch_double_backward_through_the_kernels_is_the_plain_formulas(monkeypatch, loss, kw):
+    import torch
+
+    from focal_torch import _family
+
+    fn = getattr(_family, f"{loss}_loss")
+    t = torch.tensor(np.concatenate([SOFT, HARD]))
+    x0 = np.concatenate([X, -X])
+
+    def derivatives():
+        x = torch.tensor(x0, requires_grad=True)
+        (g,) = torch.autograd.grad(fn(x, t, reduction="sum", **kw), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), x)
+        return g.detach(), h
+
+    g, h = derivatives()
+    monkeypatch.setattr(_family, "EAGER_KERNELS", False)
+    g_plain, h_plain = derivatives()
+    torch.testing.assert_close(g, g_plain, rtol=1e-13, atol=0)
+    torch.testing.assert_close(h, h_plain, rtol=1e-13, atol=0)
+
+
+SMOOTH_X = np.array([-7.0, -3.1, -2.5, -1.0, -0.3, 0.4, 1.2, 2.8, 6.5, 12.0])  # away from the margin's kink
+SMOOTH_T = np.array([0.0, 0.9, 0.2, 1.0, 0.35, 0.6, 0.0, 0.75, 0.1, 1.0])
+
+
+def _central(f, z: np.ndarray, h: float) -> np.ndarray:
+    """Elementwise central differences of an elementwise f (float64)."""
+    return (np.asarray(f(z + h)) - np.asarray(f(z - h))) / (2 * h)
+
+
+@pytest.mark.parametrize(("loss", "kw"), [
+    ("asymmetric", {"gamma_pos": 0.0, "gamma_neg": 0.0, "clip": 0.05}),
+    ("asymmetric", {"gamma_pos": 0.3, "gamma_neg": 2.5, "clip": 0.05}),
+    ("asymmetric", {"gamma_pos": 2.0, "gamma_neg": 0.3, "clip": 0.0}),
+    ("quality_focal", {"beta": 0.3}),
+    ("quality_focal", {"beta": 2.0}),
+], ids=str)
+def test_jax_target_and_second_derivatives_match_finite_differences(loss, kw):
+    """The custom JVP's derivative in the targets, and the derivative of its derivative in the logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from focal_jax import _family
+
+    fn = getattr(_family, f"{loss}_loss")
+    soft = np.clip(SMOOTH_T, 0.05, 0.95)  # finite differences need room on both sides
+    with jax.enable_x64(True):
+        x, t = jnp.asarray(SMOOTH_X), jnp.asarray(soft)
+        value = lambda z, u: fn(z, u, reduction="none", **kw)  # noqa: E731
+        d_t = jax.grad(lambda u: value(x, u).sum())(t)
+        # central differences with h = 1e-6: truncation h² times the third derivative (up to ~1e-7 relative
+        # next to d = 0 at β < 1), rounding ~1e-16 |ℓ| / h; a dropped factor or a flipped sign is far above
+        np.testing.assert_allclose(d_t, _central(lambda u: value(x, u), soft, 1e-6), rtol=1e-6, atol=1e-8,
+                                   err_msg="d/dt")
+        d_x = lambda z, u: jax.grad(lambda zz: value(zz, u).sum())(z)  # noqa: E731
+        xh = jnp.asarray(SMOOTH_X)
+        for targets in (soft, SMOOTH_T):
+            u = jnp.asarray(targets)
+            d2 = jax.vmap(jax.grad(jax.grad(lambda z, uu: fn(z, uu, reduction="sum", **kw))))(xh, u)
+            fd = _central(lambda z, u=u: d_x(jnp.asarray(z), u), SMOOTH_X, 1e-6)
+            np.testing.assert_allclose(d2, fd, rtol=1e-6, atol=1e-8, err_msg=f"d²/dx² at targets {targets}")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_jax_logistic_derivative_keeps_its_digits_at_saturated_logits(dtype):
+    """The sigmoid inside ASL's and QFL's derivatives (what second derivatives differentiate): σ(x) σ(-x),
+    where σ(x)(1 - σ(x)) would be 0 or a few ulps of 1 - σ(x) for a large x."""
+    import jax
+    import jax.numpy as jnp
+
+    from focal_jax import _family
+
+    x = np.array([-60.0, -30.0, -9.0, 0.0, 2.0, 9.0, 30.0, 60.0])
+    expected = np.exp(-np.logaddexp(0.0, x) - np.logaddexp(0.0, -x))  # σ(x) σ(-x)
+    with jax.enable_x64(dtype == "float64"):
+        got = jax.vmap(jax.grad(_family._logistic))(jnp.asarray(x, dtype))
+        H.assert_close(np.asarray(got, np.float64), expected, dtype, "dσ/dx")

@@ -581,3 +581,47 @@ def test_transform_scan_over_a_gamma_schedule(kind):
         _close(dgs[i], dg)
         x = x - 0.1 * dx
     _close(final, x)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
+def test_jax_export_with_a_symbolic_batch_and_a_traced_gamma(kind):
+    """``jax.export`` of a jitted loss with a symbolic batch size and γ as an argument: the exported program,
+    called on a batch size it was not traced with, gives the float64 reference's loss."""
+    from jax import export
+
+    b = export.symbolic_shape("b")[0]
+    rng = np.random.default_rng(3)
+    if kind == "sigmoid":
+        fn = jax.jit(lambda x, t, g: focal_jax.sigmoid_focal_loss(x, t, gamma=g, alpha=0.25))
+        specs = (jax.ShapeDtypeStruct((b, 3), jnp.float32), jax.ShapeDtypeStruct((b, 3), jnp.float32))
+        x = (rng.standard_normal((7, 3)) * 4).astype(np.float32)
+        lab = rng.random((7, 3)).astype(np.float32)
+        ref = reference.sigmoid_focal_loss(x.astype(np.float64), lab.astype(np.float64), gamma=1.5, alpha=0.25)[0]
+    else:
+        fn = jax.jit(lambda x, y, g: focal_jax.softmax_focal_loss(x, y, gamma=g))
+        specs = (jax.ShapeDtypeStruct((b, 5), jnp.float32), jax.ShapeDtypeStruct((b,), jnp.int32))
+        x = (rng.standard_normal((7, 5)) * 4).astype(np.float32)
+        lab = rng.integers(0, 5, 7).astype(np.int32)
+        ref = reference.softmax_focal_loss(x.astype(np.float64), lab, gamma=1.5)[0]
+    exported = export.export(fn)(*specs, jax.ShapeDtypeStruct((), jnp.float32))
+    out = exported.call(jnp.asarray(x), jnp.asarray(lab), jnp.float32(1.5))
+    _close(np.asarray(out), ref, rtol=2e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.5, "traced"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_hessian_is_finite_where_one_minus_p_squared_underflows(gamma, dtype, request):
+    """At a margin of 80 (float32) or 700 (float64), (1 - p_y)² underflows: the Hessian of the index-label
+    kernel with a fractional γ stays finite for every label."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    big = 80.0 if dtype == "float32" else 700.0
+    x = jnp.array([[big, -big, 0.0], [0.0, big, 3.0]], dtype=dtype)
+    g = 0.75 if gamma == "traced" else gamma
+    for lab in ([0, 1], [1, 0], [2, 2]):
+        y = jnp.array(lab)
+        if gamma == "traced":
+            h = jax.jit(jax.hessian(lambda z, gg, y=y: focal_jax.softmax_focal_loss(z, y, gamma=gg)))(x, g)
+        else:
+            h = jax.hessian(lambda z, y=y: focal_jax.softmax_focal_loss(z, y, gamma=g))(x)
+        assert bool(jnp.isfinite(h).all()), (lab, gamma, dtype)

@@ -170,6 +170,11 @@ def test_normalized_focal_loss_at_gamma_zero_is_the_mean_bce():
 def test_reduced_threshold_of_one_is_the_cross_entropy_and_zero_is_rejected():
     value, _ = reference.sigmoid_focal_loss(MODERATE, HARD, gamma=3.0, reduced_threshold=1.0, reduction="none")
     np.testing.assert_allclose(value, _bce(MODERATE, HARD), rtol=1e-12)
+    # also where p_t rounds to 1 in float64 (the decision is made on 1 - p_t)
+    far = np.array([40.0, -40.0, 80.0, -80.0])
+    value, _ = reference.sigmoid_focal_loss(far, np.array([1.0, 0.0, 1.0, 0.0]), gamma=3.0, reduced_threshold=1.0,
+                                            reduction="none")
+    np.testing.assert_allclose(value, np.log1p(np.exp(-np.abs(far))), rtol=1e-12)
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="reduced_threshold"):
             reference.sigmoid_focal_loss(X, HARD, reduced_threshold=bad)
@@ -223,3 +228,15 @@ def test_variant_options_are_validated():
     with pytest.raises(ValueError, match="targets"):
         variants.quality_focal_loss(X, HARD * 255)
     assert focal_spec.reference is reference
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 3.5])
+def test_softmax_reference_gradient_is_finite_at_extreme_margins(gamma):
+    """1 - p underflows to 0 in float64 at margins beyond ~745: the reference's gradient stays finite and equals
+    its limit (0 at the dominant class, the cross-entropy's p - onehot elsewhere)."""
+    x = np.array([[1e4, -1e4, 3.0, 2.0], [900.0, 0.0, -5.0, 1.0]])
+    _, g = reference.softmax_focal_loss(x, np.array([0, 0]), gamma=gamma, reduction="none")
+    assert np.isfinite(g).all()
+    np.testing.assert_array_equal(g, np.zeros_like(g))
+    _, g = reference.softmax_focal_loss(x, np.array([1, 1]), gamma=gamma, reduction="none")
+    np.testing.assert_allclose(g, [[1.0, -1.0, 0.0, 0.0], [1.0, -1.0, 0.0, 0.0]], atol=1e-300)
