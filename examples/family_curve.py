@@ -1,5 +1,6 @@
 """The focal family against p_t, drawn by both backends: asymmetric, quality focal and varifocal losses at
-their default settings, with the focal loss (γ = 2) and the cross-entropy for comparison.
+their default settings, the focal loss's own variants (Poly-1 with ε₁ = 1, the reduced focal loss with a
+threshold of 0.5, FLSD-53's scheduled γ), with the focal loss (γ = 2) and the cross-entropy for comparison.
 
 Each variant treats positives and negatives differently, so the figure has one panel for a positive
 (t = 1, p_t = σ(x)) and one for a negative (t = 0, p_t = 1 - σ(x)). Every loss is evaluated by
@@ -14,11 +15,16 @@ What the panels show:
 - QFL (β = 2): with hard targets, the focal loss with γ = 2 on both sides.
 - VFL (α = 0.75, γ = 2): the cross-entropy weighted by q = 1 on positives; 0.75 σ(x)^2 times the
   cross-entropy on negatives.
+- Poly-1 (ε₁ = 1, γ = 2): the focal loss plus (1 - p_t)^3, which lifts the loss of hard examples.
+- Reduced focal loss (threshold 0.5, γ = 2): the cross-entropy below p_t = 0.5, ((1 - p_t)/0.5)^2 times it
+  above (continuous at the threshold).
+- FLSD-53: γ = 5 below p_t = 0.2 and 3 above (a step in the curve at p_t = 0.2).
 
 Run:  python examples/family_curve.py
 
 References: Ridnik et al. 2021 (arXiv:2009.14119), Li et al. 2020 (arXiv:2006.04388), Zhang et al. 2021
-(arXiv:2008.13367), Lin et al. 2017 (arXiv:1708.02002).
+(arXiv:2008.13367), Lin et al. 2017 (arXiv:1708.02002), Leng et al. 2022 (arXiv:2204.12511), Sergievskiy and
+Ponamarev 2019 (arXiv:1903.01347), Mukhoti et al. 2020 (arXiv:2002.09437).
 """
 
 from __future__ import annotations
@@ -54,10 +60,17 @@ CURVES = {
                       focal_spec.variants.quality_focal_loss, {}),
     "varifocal": ("VFL (α=0.75, γ=2)", jax_family.varifocal_loss, torch_family.varifocal_loss,
                   focal_spec.variants.varifocal_loss, {}),
+    "poly1": ("Poly-1 (ε₁=1, γ=2)", focal_jax.sigmoid_focal_loss, focal_torch.sigmoid_focal_loss,
+              focal_spec.reference.sigmoid_focal_loss, {"gamma": 2.0, "poly1": 1.0}),
+    "reduced": ("reduced FL (th=0.5, γ=2)", focal_jax.sigmoid_focal_loss, focal_torch.sigmoid_focal_loss,
+                focal_spec.reference.sigmoid_focal_loss, {"gamma": 2.0, "reduced_threshold": 0.5}),
+    "flsd53": ("FLSD-53 (γ=5 below p_t=0.2, else 3)", focal_jax.sigmoid_focal_loss, focal_torch.sigmoid_focal_loss,
+               focal_spec.reference.sigmoid_focal_loss, {"gamma": focal_spec.FLSD_53}),
 }
 # line styles that stay visible where curves coincide (on positives ASL = VFL = CE and QFL = FL)
 STYLE = {"cross_entropy": ("tab:gray", "-", 4.0), "focal": ("tab:blue", "-", 4.0), "asymmetric": ("tab:red", "--", 2.0),
-         "quality_focal": ("tab:green", ":", 2.5), "varifocal": ("tab:purple", "-.", 1.5)}
+         "quality_focal": ("tab:green", ":", 2.5), "varifocal": ("tab:purple", "-.", 1.5),
+         "poly1": ("tab:orange", "-", 1.5), "reduced": ("tab:brown", "--", 1.5), "flsd53": ("tab:olive", "-", 1.5)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     n = args.points if args.points is not None else (99 if args.quick else 999)
 
-    p_t = np.linspace(0.0, 1.0, n + 2)[1:-1]  # open interval: the logit of 0 or 1 is infinite
+    # midpoints of n equal cells: the open interval (the logit of 0 or 1 is infinite), and off FLSD-53's step
+    # at p_t = 0.2, where float32 rounding of the logit decides the side
+    p_t = (np.arange(n) + 0.5) / n
     logit = np.log(p_t / (1.0 - p_t))
     sides = {"positive": (logit.astype(np.float32), np.ones(n, np.float32)),
              "negative": ((-logit).astype(np.float32), np.zeros(n, np.float32))}

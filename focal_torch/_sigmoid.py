@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Any, NamedTuple
 
@@ -256,6 +257,19 @@ def _grad_tracked(*ts) -> bool:
     return torch.is_grad_enabled() or any(C.is_transformed(t) or C.has_tangent(t) for t in ts if t is not None)
 
 
+class _Variant(NamedTuple):
+    """The options of :mod:`focal_spec.variants` on this loss, validated."""
+
+    poly1: float
+    normalized: bool
+    threshold: float | None
+    schedule: focal_spec.GammaSchedule | None
+
+
+NORMALIZED_PROCESS_GROUP = "None when normalized=True (the normalizer Σ m is local to a call, not reduced over ranks)"
+"""What ``process_group`` must be with ``normalized=True`` (the message is :func:`focal_spec.invalid_value`'s)."""
+
+
 class _Parts:
     """The shared elementwise quantities of a call, computed lazily."""
 
@@ -319,19 +333,53 @@ class _Parts:
             return torch.where(self.q > 0.5, torch.log1p(-torch.clamp(p_t, max=0.5)), small)
         return self._get("log_q", fn)
 
-    def power(self, e: Any) -> torch.Tensor:
-        """q^e for a number or tensor exponent e: q^e exactly 1 where e = 0 (no 0^0), q clamped to tiny."""
+    def power(self, e: Any, th: float | None = None) -> torch.Tensor:
+        """q^e for a number or tensor exponent e, or (q/th)^e where p_t >= th (and 1 elsewhere) with a reduced
+        threshold th: exactly 1 where e = 0 (no 0^0), the base clamped to tiny."""
+        q = self.q
+        log_q = self.log_q if self.smooth else None
+        if th is not None:
+            below = q.detach() > 1.0 - th  # p_t < th: the caller keeps 1 there; this branch sees 1 too
+            q = torch.where(below, th, q) / th
+            log_q = None if log_q is None else torch.where(below, 0.0, log_q - math.log(th))
         if isinstance(e, int):
-            return C.ipow(self.q, e, inplace=False) if e > 0 else torch.ones_like(self.q)
-        qc = torch.clamp(self.q, min=_tiny(self.o.cdtype))
-        if not self.smooth:
+            return C.ipow(q, e, inplace=False) if e > 0 else torch.ones_like(q)
+        qc = torch.clamp(q, min=_tiny(self.o.cdtype))
+        if log_q is None:
             v = torch.pow(qc, e)
         else:
-            smooth = torch.exp(e * self.log_q)
+            smooth = torch.exp(e * log_q)
             v = torch.pow(qc.detach(), e.detach() if isinstance(e, torch.Tensor) else e) + (smooth - smooth.detach())
         if isinstance(e, torch.Tensor):
             v = torch.where(e == 0, 1.0, v)
         return v
+
+    def variant_loss(self, v: _Variant) -> torch.Tensor:
+        """ℓ with the options of :mod:`focal_spec.variants` (a γ schedule, a reduced threshold, Poly-1's term,
+        the normalizer Σm), as plain differentiable ops: autograd differentiates them."""
+        o = self.o
+        qd = self.q.detach()  # decisions on p_t are made on 1 - p_t, exact where p_t rounds to 1
+        if v.schedule is not None:
+            g: Any = torch.full_like(qd, v.schedule.values[0])
+            for th, value in zip(v.schedule.thresholds, v.schedule.values[1:], strict=True):
+                g = torch.where(qd <= 1.0 - th, value, g)  # p_t >= th
+        elif o.gamma is None:
+            g = self.gamma
+        else:
+            g = o.gamma_int if o.gamma_int is not None else o.gamma
+        if v.threshold is None:
+            m = self.power(g)
+        else:
+            m = torch.where(qd > 1.0 - v.threshold, 1.0, self.power(g, v.threshold))
+        out = m * self.ce
+        if v.poly1:
+            out = out + v.poly1 * self.power(g + 1)  # ε₁ (1-p_t)^(γ+1)
+        out = self.times(out, self.scale())
+        if v.normalized:  # ℓ / Σm over the counted elements; 0 where Σm is exactly 0
+            z = self.counted(m).sum()
+            nz = z != 0
+            out = torch.where(nz, out / torch.where(nz, z, 1.0), 0.0)
+        return out
 
     @property
     def m(self):
@@ -750,7 +798,7 @@ def sigmoid_focal_loss(
         These three, and a ``gamma`` given as a :class:`focal_spec.GammaSchedule` (one
         :math:`\gamma` per element from the detached :math:`p_t`, such as ``focal_spec.FLSD_53``),
         are defined and validated by :mod:`focal_spec.variants` and computed by plain
-        differentiable formulas (:mod:`focal_torch._variants_torch`); the defaults change nothing.
+        differentiable formulas (``_Parts.variant_loss``); the defaults change nothing.
 
     Gradients flow to every floating tensor that requires them: ``input``, ``target``, ``alpha``,
     ``weight``, ``pos_weight`` and ``gamma`` (:math:`d\ell/d\gamma = \ell \log(1-p_t)`), with closed
@@ -793,15 +841,17 @@ def sigmoid_focal_loss(
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
+    variant = None
     if (poly1 != 0.0 or normalized is not False or reduced_threshold is not None
-            or isinstance(gamma, focal_spec.variants.GammaSchedule)):
-        from focal_torch import _variants_torch
-
-        return _variants_torch.sigmoid_variant_loss(
-            input, target, gamma=gamma, alpha=alpha, weight=weight, pos_weight=pos_weight,
-            label_smoothing=label_smoothing, where=where, reduction=reduction, process_group=process_group,
-            poly1=poly1, normalized=normalized, reduced_threshold=reduced_threshold)
-    if (weight is None and pos_weight is None and where is None and process_group is None
+            or isinstance(gamma, focal_spec.GammaSchedule)):
+        schedule = gamma if isinstance(gamma, focal_spec.GammaSchedule) else None
+        variant = _Variant(focal_spec.variants.check_poly1(poly1), focal_spec.variants.check_normalized(normalized),
+                           focal_spec.variants.check_reduced_threshold(reduced_threshold), schedule)
+        if variant.normalized and process_group is not None:
+            raise ValueError(focal_spec.invalid_value("process_group", NORMALIZED_PROCESS_GROUP, process_group))
+        if schedule is not None:
+            gamma = 0.0  # validated by the schedule itself; the formulas read the schedule
+    elif (weight is None and pos_weight is None and where is None and process_group is None
             and type(input) is torch.Tensor and type(target) is torch.Tensor):
         plain = _plain_call(input, target, gamma, alpha, label_smoothing, reduction)
         if plain is not None:
@@ -853,6 +903,10 @@ def sigmoid_focal_loss(
         else:
             count = torch.broadcast_to(mask, input.shape).sum()
         scale = _distributed.mean_scale(count, process_group, dtype=cdtype, device=dev)
+    if variant is not None:  # the plain formulas, differentiated by autograd
+        with C.no_autocast(dev):
+            loss = _Parts(input, target, alpha_t, weight_t, pw_t, gamma_t, mask, eps, opts).variant_loss(variant)
+            return _reduce(loss, opts, scale).to(input.dtype)
     if C.is_compiling():
         fn: Any = _SigmoidFocalCompiled
     elif C.in_func_transform():

@@ -281,6 +281,7 @@ class _Plain(NamedTuple):
     eps: Any  # label smoothing: a float or a 0-d tensor
     valid: torch.Tensor | None  # counted positions (positions' shape), or None for all
     bad: torch.Tensor | None  # positions whose loss is NaN (an out-of-range label), or None
+    poly1: float = 0.0  # Poly-1's ε₁: ε₁ (1-p_c)^(γ+1) = ε₁ m u is added to each class's term
 
 
 def _class_view(v: torch.Tensor, ndim: int, d: int) -> torch.Tensor:
@@ -339,7 +340,7 @@ def _plain_loss(x: torch.Tensor, p: _Plain, o: _Opts) -> torch.Tensor:
             u, lp = _one_minus_p_and_log_p(zy, torch.log(s), rest, s)
             if isinstance(gamma, torch.Tensor) and gamma.dim() > 0:
                 gamma = gamma.expand(xs.shape).gather(d, yk)
-            term = _smooth_modulator(u, gamma, o) * lp
+            term = _smooth_modulator(u, gamma, o) * (lp if not p.poly1 else lp - p.poly1 * u)
             if p.weight is not None:
                 term = term * p.weight.to(o.cdtype)[yk]
             loss = term.neg().squeeze(d)
@@ -349,7 +350,7 @@ def _plain_loss(x: torch.Tensor, p: _Plain, o: _Opts) -> torch.Tensor:
             s = e.sum(d, keepdim=True)
             rest = torch.where(is_max, e.scatter(d, idx, 0.0).sum(d, keepdim=True), s - e)
             u, lp = _one_minus_p_and_log_p(z, torch.log(s), rest, s)
-            term = _smooth_modulator(u, gamma, o) * lp
+            term = _smooth_modulator(u, gamma, o) * (lp if not p.poly1 else lp - p.poly1 * u)
             if p.weight is not None:
                 term = term * _class_view(p.weight.to(o.cdtype), xs.dim(), d)
             eps = p.eps
@@ -501,7 +502,7 @@ def softmax_focal_loss(
       poly1: :math:`\varepsilon_1` of Poly-1 (Leng et al. 2022), any finite number (keyword only):
         adds :math:`\varepsilon_1 \sum_c w_c q_c (1-p_c)^{\gamma_c+1}` to each position's loss; 0 is
         off. Defined and validated by :mod:`focal_spec.variants`; a non-zero value is computed by
-        plain differentiable formulas (:mod:`focal_torch._variants_torch`).
+        plain differentiable formulas (the smooth formula, differentiated by autograd).
 
     Returns:
       ``"none"``: the per-position loss, ``input``'s shape without the class dim, ``input``'s dtype.
@@ -535,13 +536,8 @@ def softmax_focal_loss(
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
-    if poly1 != 0.0:
-        from focal_torch import _variants_torch
-
-        return _variants_torch.softmax_variant_loss(
-            input, target, gamma=gamma, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            where=where, dim=dim, reduction=reduction, process_group=process_group, poly1=poly1)
-    if (weight is None and where is None and process_group is None and type(input) is torch.Tensor
+    eps1 = 0.0 if poly1 == 0.0 else focal_spec.variants.check_poly1(poly1)  # any other: the smooth formula
+    if (not eps1 and weight is None and where is None and process_group is None and type(input) is torch.Tensor
             and type(target) is torch.Tensor and not target.is_floating_point()):
         plain = _plain_call(input, target, gamma, ignore_index, label_smoothing, dim, reduction)
         if plain is not None:
@@ -577,7 +573,8 @@ def softmax_focal_loss(
               or _wants_grad(gamma_t) or _wants_grad(eps))
 
     if o.label_kind != "index":
-        p = _Plain(labels=None, probs=target, weight=weight_t, gamma=gamma_t, eps=eps, valid=mask, bad=None)
+        p = _Plain(labels=None, probs=target, weight=weight_t, gamma=gamma_t, eps=eps, valid=mask, bad=None,
+                   poly1=eps1)
         loss = _plain_loss(input, p, opts)
         count: Any = math.prod(positions) if mask is None else mask.sum()
         return _reduce(loss, count, process_group, opts, dev, input.dtype)
@@ -603,7 +600,8 @@ def softmax_focal_loss(
         _check_labels(y, valid, o)
     all_counted = valid is None or (checkable and _host_select(y) and bool(valid.all()))
 
-    if not smooth and gamma_t is None and isinstance(eps, float) and eps == 0.0 and nc >= 2 and bad is None:
+    if (not smooth and not eps1 and gamma_t is None and isinstance(eps, float) and eps == 0.0 and nc >= 2
+            and bad is None):
         if all_counted:
             ys = y
             yk = y.unsqueeze(d)
@@ -619,7 +617,8 @@ def softmax_focal_loss(
     labels = y if valid is None else torch.where(valid, y, 0)
     if bad is not None:
         labels = torch.where((labels < 0) | (labels >= nc), 0, labels)
-    p = _Plain(labels=labels, probs=None, weight=weight_t, gamma=gamma_t, eps=eps, valid=valid, bad=bad)
+    p = _Plain(labels=labels, probs=None, weight=weight_t, gamma=gamma_t, eps=eps, valid=valid, bad=bad,
+               poly1=eps1)
     loss = _plain_loss(input, p, opts)
     if o.reduction != "mean":
         return _reduce(loss, None, process_group, opts, dev, input.dtype)

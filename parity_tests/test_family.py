@@ -735,7 +735,8 @@ def test_family_curve_example(tmp_path):
     out = tmp_path / "family_curve.png"
     result = run_quick("family_curve", out)
     assert_png(out)
-    assert set(result["curves"]) >= {"asymmetric", "quality_focal", "varifocal", "focal", "cross_entropy"}
+    assert set(result["curves"]) >= {"asymmetric", "quality_focal", "varifocal", "focal", "cross_entropy", "poly1",
+                                     "reduced", "flsd53"}
     assert result["max_abs_diff"] < 1e-5
     for backend, diff in result["max_abs_diff_from_reference"].items():
         assert diff < 1e-5, f"{backend} differs from the float64 reference by {diff}"

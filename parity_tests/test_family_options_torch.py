@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import focal_spec
 import focal_torch
 from focal_spec import reference, variants
-from focal_torch import _variants_torch
+from focal_torch import _sigmoid
 from parity_tests import _harness as H
 
 SATURATED = np.array([80.0, -80.0, 30.0, -30.0, 17.3, -17.3, 9.0, -9.0])
@@ -306,10 +306,9 @@ def _value_and_grad(fn, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _variant_sigmoid(x, t, **kw):
-    """The variant path with every option given (also at its default)."""
-    full = {"gamma": 2.0, "alpha": None, "weight": None, "pos_weight": None, "label_smoothing": 0.0, "where": None,
-            "reduction": "none", "process_group": None, "poly1": 0.0, "normalized": False, "reduced_threshold": None}
-    return _variants_torch.sigmoid_variant_loss(x, t, **dict(full, **kw))
+    """The variant path at poly1=0: γ as a schedule of one value (no thresholds), which only that path reads."""
+    kw = dict(kw, gamma=variants.GammaSchedule((), (kw.get("gamma", 2.0),)))
+    return focal_torch.sigmoid_focal_loss(x, t, reduction="none", **kw)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -321,22 +320,31 @@ def test_poly1_zero_is_the_focal_loss(gamma, dtype):
     ours = _value_and_grad(lambda z: _variant_sigmoid(z, t, **kw), x)
     plain = _value_and_grad(lambda z: focal_torch.sigmoid_focal_loss(z, t, reduction="none", **kw), x)
     expected = reference.sigmoid_focal_loss(x.double().numpy(), t.double().numpy(), reduction="none", **kw)
+    xd = x.double().numpy()
+    tp = t.double().numpy() * 0.95 + 0.025
+    s, sn = 1 / (1 + np.exp(-xd)), 1 / (1 + np.exp(xd))
+    terms = (1 - tp) * s + tp * sn  # soft targets: the gradient is a difference of terms of this size
     for a, b, e, what in zip(ours, plain, expected, ("value", "gradient"), strict=True):
-        scale = np.abs(e) + np.abs(b)  # soft targets: the gradient is a difference
+        scale = np.abs(e) + np.abs(b) + (terms if what == "gradient" else 0.0)
         H.assert_close(a, b, dtype, f"poly1=0 {what} vs the focal loss", scale=2 * (1 + gamma * 10) * scale)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_softmax_poly1_zero_is_the_focal_loss(dtype):
+def test_softmax_poly1_adds_its_term_to_the_focal_loss(dtype):
+    """The Poly-1 path minus the focal loss's own path is ε₁ times the reference's Poly-1 term."""
     real = getattr(torch, dtype)
     x = X.to(real)
     y = torch.tensor([3, 1])
     full = {"gamma": 1.5, "weight": torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=real), "ignore_index": -100,
-            "label_smoothing": 0.1, "where": None, "dim": 1, "reduction": "sum", "process_group": None}
-    ours = _value_and_grad(lambda z: _variants_torch.softmax_variant_loss(z, y, poly1=0.0, **full), x)
+            "label_smoothing": 0.1, "dim": 1, "reduction": "none"}
+    ours = _value_and_grad(lambda z: focal_torch.softmax_focal_loss(z, y, poly1=0.5, **full), x)
     plain = _value_and_grad(lambda z: focal_torch.softmax_focal_loss(z, y, **full), x)
-    H.assert_close(ours[0], plain[0], dtype, "value", scale=10 * np.abs(plain[0]))
-    H.assert_close(ours[1], plain[1], dtype, "gradient", scale=10 * (np.abs(plain[1]).max()))
+    kw = {"gamma": 1.5, "weight": full["weight"].double().numpy(), "label_smoothing": 0.1, "axis": 1,
+          "reduction": "none"}
+    with_term = reference.softmax_focal_loss(x.double().numpy(), y.numpy(), poly1=0.5, **kw)
+    without = reference.softmax_focal_loss(x.double().numpy(), y.numpy(), **kw)
+    for a, b, e1, e0, what in zip(ours, plain, with_term, without, ("value", "gradient"), strict=True):
+        H.assert_close(a - b, e1 - e0, dtype, f"Poly-1 term's {what}", scale=10 * (np.abs(e1) + np.abs(e0)))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -377,11 +385,12 @@ def test_flsd53_is_the_focal_loss_with_its_per_element_gamma(targets, dtype):
         H.assert_close(a, b, dtype, f"FLSD-53 {what} vs the tensor gamma", scale=cond * np.abs(e))
 
 
-def test_the_schedule_picks_gamma_as_the_spec():
-    q = torch.tensor([1.0, 0.9, 0.80001, 0.8, 0.5, 1e-30, 0.0], dtype=torch.float64)  # 1 - p_t
-    got = _variants_torch.schedule_gamma(variants.FLSD_53, q).numpy()
-    np.testing.assert_array_equal(got, variants.FLSD_53.gamma_of_q(q.numpy()))
-    np.testing.assert_array_equal(got, [5.0, 5.0, 5.0, 3.0, 3.0, 3.0, 3.0])
+def test_the_spec_schedule_decides_on_one_minus_p_t():
+    q = np.array([1.0, 0.9, 0.80001, 0.8, 0.5, 1e-30, 0.0])  # 1 - p_t
+    np.testing.assert_array_equal(variants.FLSD_53.gamma_of_q(q), [5.0, 5.0, 5.0, 3.0, 3.0, 3.0, 3.0])
+    off_the_step = q[[0, 1, 2, 4]]  # at q = 0.8 exactly, 1 - q rounds below 0.2
+    np.testing.assert_array_equal(variants.FLSD_53.gamma_of_q(off_the_step),
+                                  variants.FLSD_53.gamma_of(1.0 - off_the_step))
 
 
 def test_reduced_threshold_one_is_the_cross_entropy():
@@ -392,22 +401,19 @@ def test_reduced_threshold_one_is_the_cross_entropy():
     H.assert_close(ours.numpy(), bce, "float64", "value vs F.binary_cross_entropy_with_logits", scale=8 * np.abs(ce))
 
 
-def test_default_options_take_the_focal_path():
+def test_default_options_take_the_focal_path(monkeypatch):
     calls = []
-    original = _variants_torch.sigmoid_variant_loss
+    original = _sigmoid._Parts.variant_loss
 
-    def spy(*a, **k):
-        calls.append(k)
-        return original(*a, **k)
+    def spy(self, v):
+        calls.append(v)
+        return original(self, v)
 
-    _variants_torch.sigmoid_variant_loss = spy
-    try:
-        focal_torch.sigmoid_focal_loss(X, T_HARD, poly1=0.0, normalized=False, reduced_threshold=None)
-        assert not calls
-        focal_torch.sigmoid_focal_loss(X, T_HARD, poly1=0.5)
-        assert calls and calls[0]["poly1"] == 0.5
-    finally:
-        _variants_torch.sigmoid_variant_loss = original
+    monkeypatch.setattr(_sigmoid._Parts, "variant_loss", spy)
+    focal_torch.sigmoid_focal_loss(X, T_HARD, poly1=0.0, normalized=False, reduced_threshold=None)
+    assert not calls
+    focal_torch.sigmoid_focal_loss(X, T_HARD, poly1=0.5)
+    assert calls and calls[0].poly1 == 0.5
 
 
 # ----------------------------------------------------------------------------------------
@@ -447,7 +453,7 @@ def test_bad_poly1_and_normalized_are_rejected():
 
 
 def test_normalized_with_a_process_group_is_rejected():
-    msg = focal_spec.invalid_value("process_group", _variants_torch.NORMALIZED_PROCESS_GROUP, "group")
+    msg = focal_spec.invalid_value("process_group", _sigmoid.NORMALIZED_PROCESS_GROUP, "group")
     with pytest.raises(ValueError, match=re.escape(msg)):
         focal_torch.sigmoid_focal_loss(X, T_HARD, normalized=True, process_group="group")
 
