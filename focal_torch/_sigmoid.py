@@ -759,7 +759,8 @@ def sigmoid_focal_loss(
     ``weight`` and ``pos_weight``), in value and gradient. Every term is formed without
     cancellation, so that values and gradients keep float32's relative precision at any logit
     (``softplus(x) - t x`` would lose it for confident predictions). The derivatives have closed
-    forms and are recomputed from the saved inputs; they are themselves differentiable (double
+    forms: computed with the loss and kept for inputs of at most :data:`FUSE_MAX` elements (one array of
+    the input's size), recomputed from the saved inputs above it; they are themselves differentiable (double
     backward, Hessians), and ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jacfwd``,
     ``hessian``), forward-mode AD and ``torch.compile(fullgraph=True)`` apply.
 
