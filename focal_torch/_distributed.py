@@ -24,6 +24,15 @@ def _all_reduce_sum(value: torch.Tensor, process_group: Any) -> torch.Tensor:
     return value
 
 
+def differentiable_sum(value: torch.Tensor, process_group: Any) -> torch.Tensor:
+    """The sum of ``value`` over the ranks of ``process_group``, with its gradient: the backward sums every
+    rank's cotangent (``torch.distributed.nn``), so that a normalizer shared by all ranks is differentiated
+    exactly, as ``jax.lax.psum`` is over an ``axis_name``."""
+    from torch.distributed.nn import functional as dist_fn
+
+    return dist_fn.all_reduce(value, group=process_group)
+
+
 def mean_scale(count: torch.Tensor | int | float, process_group: Any, *, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor | float:
     """The factor that turns a local sum into the returned mean: 1/den, with den the count (or the sum of

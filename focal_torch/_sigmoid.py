@@ -264,10 +264,7 @@ class _Variant(NamedTuple):
     normalized: bool
     threshold: float | None
     schedule: focal_spec.GammaSchedule | None
-
-
-NORMALIZED_PROCESS_GROUP = "None when normalized=True (the normalizer Σ m is local to a call, not reduced over ranks)"
-"""What ``process_group`` must be with ``normalized=True`` (the message is :func:`focal_spec.invalid_value`'s)."""
+    process_group: Any  # with normalized: Σm is summed over its ranks
 
 
 class _Parts:
@@ -375,8 +372,10 @@ class _Parts:
         if v.poly1:
             out = out + v.poly1 * self.power(g + 1)  # ε₁ (1-p_t)^(γ+1)
         out = self.times(out, self.scale())
-        if v.normalized:  # ℓ / Σm over the counted elements; 0 where Σm is exactly 0
+        if v.normalized:  # ℓ / Σm over the counted elements (of every rank); 0 where Σm is exactly 0
             z = self.counted(m).sum()
+            if v.process_group is not None:
+                z = _distributed.differentiable_sum(z, v.process_group)
             nz = z != 0
             out = torch.where(nz, out / torch.where(nz, z, 1.0), 0.0)
         return out
@@ -793,7 +792,9 @@ def sigmoid_focal_loss(
         adds :math:`\alpha_t w \varepsilon_1 (1-p_t)^{\gamma+1}` to each element; 0 is off.
       normalized: ``True`` divides each element's loss by :math:`\sum m` over the counted elements
         (:math:`m` the modulators, gradient included) before ``reduction``; at :math:`\gamma = 0`,
-        ``"sum"`` is then the mean cross-entropy. Not with a ``process_group``: the sum is per call.
+        ``"sum"`` is then the mean cross-entropy. With a ``process_group`` the sum runs over every
+        rank's counted elements (differentiably), so that DDP's averaged gradients are those of the
+        global normalized mean.
       reduced_threshold: ``None`` (off) or :math:`th \in (0, 1]`: the modulator is 1 where
         :math:`p_t < th` and :math:`((1-p_t)/th)^\gamma` elsewhere (reduced focal loss).
         These three, and a ``gamma`` given as a :class:`focal_spec.GammaSchedule` (one
@@ -847,9 +848,7 @@ def sigmoid_focal_loss(
             or isinstance(gamma, focal_spec.GammaSchedule)):
         schedule = gamma if isinstance(gamma, focal_spec.GammaSchedule) else None
         variant = _Variant(focal_spec.variants.check_poly1(poly1), focal_spec.variants.check_normalized(normalized),
-                           focal_spec.variants.check_reduced_threshold(reduced_threshold), schedule)
-        if variant.normalized and process_group is not None:
-            raise ValueError(focal_spec.invalid_value("process_group", NORMALIZED_PROCESS_GROUP, process_group))
+                           focal_spec.variants.check_reduced_threshold(reduced_threshold), schedule, process_group)
         if schedule is not None:
             gamma = 0.0  # validated by the schedule itself; the formulas read the schedule
     elif (weight is None and pos_weight is None and where is None and process_group is None

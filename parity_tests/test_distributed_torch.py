@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 WORLD = 2
 ROWS = 8  # rows per rank
 CASES = ("sigmoid-where", "softmax-ignore", "softmax-ignore-weight", "sigmoid-sum-over-positives",
-         "sigmoid-sum-over-one-positive", "sigmoid-sum-over-no-positive")
+         "sigmoid-sum-over-one-positive", "sigmoid-sum-over-no-positive", "sigmoid-normalized-where")
 
 
 def _data() -> dict[str, torch.Tensor]:
@@ -61,6 +61,9 @@ def _loss(case, logits, d, group):
 
     if case == "sigmoid-where":
         return focal_torch.sigmoid_focal_loss(logits, d["targets"], alpha=0.25, where=d["mask"],
+                                              process_group=group), None
+    if case == "sigmoid-normalized-where":  # Σm over every rank's counted elements, differentiated
+        return focal_torch.sigmoid_focal_loss(logits, d["targets"], gamma=1.5, where=d["mask"], normalized=True,
                                               process_group=group), None
     if case == "softmax-ignore":
         return focal_torch.softmax_focal_loss(logits, d["labels"], gamma=2.0, process_group=group), None

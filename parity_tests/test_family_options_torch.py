@@ -452,12 +452,6 @@ def test_bad_poly1_and_normalized_are_rejected():
         focal_torch.SigmoidFocalLoss(normalized=1)
 
 
-def test_normalized_with_a_process_group_is_rejected():
-    msg = focal_spec.invalid_value("process_group", _sigmoid.NORMALIZED_PROCESS_GROUP, "group")
-    with pytest.raises(ValueError, match=re.escape(msg)):
-        focal_torch.sigmoid_focal_loss(X, T_HARD, normalized=True, process_group="group")
-
-
 def test_the_other_options_are_still_validated_on_the_variant_path():
     with pytest.raises(ValueError, match=re.escape(focal_spec.targets_out_of_range(2.0))):
         focal_torch.sigmoid_focal_loss(X, T_HARD * 2.0, poly1=1.0)
