@@ -212,6 +212,22 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return diff / max(scale, float(np.finfo(np.float32).tiny))
 
 
+def compare_all(checks: list[dict], backend: str, case: str, results: dict, roles: dict, reference: Any,
+                scales: dict | None = None) -> None:
+    """Records ours against the float64 reference (when affordable) and against every peer with our semantics
+    (``scales``: peers whose mean differs from ours by a constant factor)."""
+    ours = results["ours"]
+    if reference is not None:
+        compare(checks, backend, case, "ours vs float64 reference", ours, reference)
+    else:
+        print(f"  check {backend:9s} {case:27s} ours vs float64 reference: skipped, too large for the NumPy reference")
+    for name, role in roles.items():
+        if role == PEER:
+            scale = (scales or {}).get(name, 1.0)
+            compare(checks, backend, case, f"ours vs {name}" + (" x C" if scale != 1.0 else ""), ours, results[name],
+                    scale=scale)
+
+
 def compare(checks: list[dict], backend: str, case: str, name: str, got: tuple[float, np.ndarray],
             want: tuple[float, np.ndarray], scale: float = 1.0) -> None:
     """Records whether (value, gradient) ``got`` equals ``scale`` times ``want`` (a peer with another mean)."""
@@ -397,15 +413,8 @@ def torch_impls(case: Case, logits: np.ndarray, targets: np.ndarray, device: str
 
     results = {name: evaluate(fn) for name, (_, fn) in losses.items()}
     ours = results["ours"]
-    if reference is not None:
-        compare(checks, "torch", case.id, "ours vs float64 reference", ours, reference)
-    else:
-        print(f"  check torch     {case.id:27s} ours vs float64 reference: skipped, too large for the NumPy reference")
-    for name, (role, _) in losses.items():
-        if role == PEER:
-            scale = kornia_scale if name == KORNIA["softmax"] else 1.0
-            compare(checks, "torch", case.id, f"ours vs {name}" + (" x C" if scale != 1.0 else ""), ours,
-                    results[name], scale=scale)
+    compare_all(checks, "torch", case.id, results, {name: role for name, (role, _) in losses.items()}, reference,
+                {KORNIA["softmax"]: kornia_scale})
     label = GAMMA0_LABEL[case.kind]
     compare(checks, "torch", case.id, f"ours({label}) vs {TORCH_CE[case.kind]}", evaluate(ours_gamma0),
             results[TORCH_CE[case.kind]])
@@ -527,13 +536,7 @@ def jax_impls(case: Case, logits: np.ndarray, targets: np.ndarray, device: Any, 
     compiled = {name: compile_step(fn) for name, (_, fn) in losses.items()}
     results = {name: evaluate(c) for name, c in compiled.items()}
     ours = results["ours"]
-    if reference is not None:
-        compare(checks, "jax", case.id, "ours vs float64 reference", ours, reference)
-    else:
-        print(f"  check jax       {case.id:27s} ours vs float64 reference: skipped, too large for the NumPy reference")
-    for name, (role, _) in losses.items():
-        if role == PEER:
-            compare(checks, "jax", case.id, f"ours vs {name}", ours, results[name])
+    compare_all(checks, "jax", case.id, results, {name: role for name, (role, _) in losses.items()}, reference)
     label = GAMMA0_LABEL[case.kind]
     compare(checks, "jax", case.id, f"ours({label}) vs {JAX_CE[case.kind]}", evaluate(compile_step(ours_gamma0)),
             results[JAX_CE[case.kind]])

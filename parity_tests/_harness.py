@@ -100,6 +100,14 @@ def assert_close(actual: Any, expected: Any, dtype: str, what: str = "", *, scal
             f"|error|={err.ravel()[k]:.3g}, scale={s.ravel()[k]:.3g}, bound={bound.ravel()[k]:.3g}")
 
 
+def torch_value_and_grad(fn: Any, x: Any) -> tuple[Any, Any]:
+    """``fn(x)`` (detached) and the gradient of its sum with respect to a fresh leaf copy of the tensor ``x``."""
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    out.sum().backward()
+    return out.detach(), x.grad
+
+
 def seed_of(text: str) -> int:
     return zlib.crc32(text.encode())
 

@@ -26,11 +26,7 @@ def _ft():
     return focal_torch
 
 
-def _value_and_grad(fn, x):
-    x = x.detach().clone().requires_grad_()
-    out = fn(x)
-    out.sum().backward()
-    return out.detach(), x.grad
+_value_and_grad = H.torch_value_and_grad
 
 
 def assert_ulps(actual, expected, ulps: float, what: str, scale=None, eps: float = F32_EPS,

@@ -22,11 +22,7 @@ def _ft():
     return focal_torch
 
 
-def _value_and_grad(fn, x):
-    x = x.detach().clone().requires_grad_()
-    out = fn(x)
-    out.sum().backward()
-    return out.detach(), x.grad
+_value_and_grad = H.torch_value_and_grad
 
 
 def _label_entry_exact(ref_g: np.ndarray, y: np.ndarray, axis: int = 1) -> np.ndarray:
