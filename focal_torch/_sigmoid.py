@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import focal_spec
 from focal_torch import _common as C
-from focal_torch import _distributed
+from focal_torch import _compiled, _distributed
 
 # ----------------------------------------------------------------------------------------
 # Notation (focal_spec): t' = t(1-ε) + ε/2 the smoothed target, s = σ(x), s̄ = σ(-x),
@@ -157,9 +157,9 @@ def _piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, *, loss: bool = True, g
     x, tp = _prepare(x, t, mask, eps, o.cdtype, bits)
     s = torch.sigmoid(x, **_new(ws, 3, x.shape))
     sn = torch.neg(x, **_new(ws, 4, x.shape)).sigmoid_()
-    ce = _ce_inplace(x, tp, s, sn, pw, o, ws) if loss or o.gamma != 0.0 else None  # buffer 1; 0 and 2 free
+    ce = _ce_inplace(x, tp, s, sn, pw, o, ws) if loss or o.gamma_int != 0 else None  # buffer 1; 0 and 2 free
     g = None
-    if o.gamma == 0.0:
+    if o.gamma_int == 0:
         if grad:  # (1-t') s - π t' s̄: exactly s or -π s̄ for hard targets
             g = s.lerp_(sn.neg_() if pw is None else sn.mul_(-pw), tp)
     else:
@@ -181,7 +181,9 @@ def _piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, *, loss: bool = True, g
         if mq is not None:
             q = q.mul_(mq)  # q^γ
         if grad:
-            g = d_ce.mul_(q).add_(u, alpha=o.gamma)  # q^γ dce/dx + γ q^(γ-1) ce dq/dx
+            # q^γ dce/dx + γ q^(γ-1) ce dq/dx (γ a 0-d tensor in a compiled kernel: see _whole)
+            g = d_ce.mul_(q)
+            g = g.add_(u.mul_(o.gamma)) if isinstance(o.gamma, torch.Tensor) else g.add_(u, alpha=o.gamma)
         if loss:
             ce = ce.mul_(q)
     factors = _factors(tp, alpha, weight, o, ws)
@@ -201,10 +203,42 @@ _BUFFERED = 1 << 15
 """Inputs above this many elements reuse temporaries across pieces (:class:`_Buffers`)."""
 
 
+def _whole(x, t, alpha, weight, pw, mask, eps, scale, coef, gamma, alpha_num, *, o: _Opts, loss: bool, grad: bool
+           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_piece` over the whole input, reduced: what the compiled kernels run. ``gamma`` (a 0-d tensor where
+    γ is not a small whole number) and ``alpha_num`` are the numbers of ``o``, passed as arguments so that a new
+    value needs no new kernel."""
+    o = o._replace(gamma=gamma, alpha=alpha_num)
+    lp, gp = _piece(x, t, alpha, weight, pw, mask, eps, o, loss=loss, grad=grad)
+    if lp is not None and o.reduction != "none":
+        lp = lp.sum(dtype=torch.float64)  # inductor's float32 sums lose ~20 ulps over 2^20 elements
+        if o.reduction == "mean":
+            lp = lp * scale
+    if lp is not None and lp.dtype != x.dtype:
+        lp = lp.to(x.dtype)
+    if gp is not None and coef is not None:
+        gp = gp * coef
+    return lp, gp
+
+
+def _static(o: _Opts) -> _Opts:
+    """``o`` with the numbers that are arguments of the compiled kernels replaced by what selects the code: γ's
+    kind (0, a small whole number, any other), α's presence."""
+    kind = o.gamma if (o.gamma == 0.0 or o.gamma_int is not None) else -1.0
+    return o._replace(gamma=kind, alpha=None if o.alpha is None else -1.0)
+
+
 def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, grad: bool, coef: Any = None
            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The eager kernels over the pieces of :func:`C.chunked`: (loss after reduction, dℓ/dx [times ``coef``])."""
+    """The eager kernels over the pieces of :func:`C.chunked` (or, for a large input, compiled over the whole
+    of it): (loss after reduction, dℓ/dx [times ``coef``])."""
     n = x.numel()
+    if _compiled.applies(x):
+        gamma = o.gamma if o.gamma_int is not None else torch.full((), o.gamma, dtype=o.cdtype, device=x.device)
+        out = _compiled.run("sigmoid", _whole, x, t, alpha, weight, pw, mask, eps, scale, coef, gamma, o.alpha,
+                            o=_static(o), loss=loss, grad=grad)
+        if out is not None:
+            return out
     ws = _Buffers(x, o.cdtype) if n > _BUFFERED else None
     fmt = torch.contiguous_format if x.is_contiguous() else torch.preserve_format
     per_element = o.reduction == "none" and isinstance(coef, torch.Tensor)
@@ -759,7 +793,9 @@ def sigmoid_focal_loss(
     cancellation, so that values and gradients keep float32's relative precision at any logit
     (``softplus(x) - t x`` would lose it for confident predictions). The derivatives have closed
     forms: computed with the loss and kept for inputs of at most :data:`FUSE_MAX` elements (one array of
-    the input's size), recomputed from the saved inputs above it; they are themselves differentiable (double
+    the input's size), recomputed from the saved inputs above it. Inputs of at least
+    ``focal_torch._compiled.COMPILE_MIN`` elements run the same kernel compiled by ``torch.compile`` (see
+    :func:`focal_torch.set_compiled_kernels`). The derivatives are themselves differentiable (double
     backward, Hessians), and ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jacfwd``,
     ``hessian``), forward-mode AD and ``torch.compile(fullgraph=True)`` apply.
 

@@ -12,7 +12,7 @@ import torch
 
 import focal_spec
 from focal_torch import _common as C
-from focal_torch import _distributed
+from focal_torch import _compiled, _distributed
 
 
 class _Opts(NamedTuple):
@@ -121,7 +121,7 @@ class _IndexFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ys, yk, weight, scale, o: _Opts, all_counted: bool):  # type: ignore[override]
         d = o.dim
-        if all_counted and ctx.needs_input_grad[0] and x.numel() <= FUSE_MAX:
+        if all_counted and ctx.needs_input_grad[0] and (x.numel() <= FUSE_MAX or _compiled.applies(x)):
             return _fused_forward(ctx, x, ys, yk, weight, scale, o)
         ctx.grad_x = False
         with _no_autocast(x.device):
@@ -197,33 +197,60 @@ FUSE_MAX = 1 << 16
 keep it (in place of the log-probabilities, the same size) for a backward of one multiplication."""
 
 
-def _fused_forward(ctx, x, ys, yk, weight, scale, o: _Opts) -> torch.Tensor:
-    """The loss and dℓ/dx of a small input in one pass. With p = softmax(x): 1 - p_y = Σ_{k≠y} p_k, a sum
-    of non-negative terms, accurate at every margin; log p_y is log1p(-(1 - p_y)) where p_y > 1/2 (where
-    the log-softmax has lost the digits of 1 - p_y) and the log-softmax's elsewhere; dℓ/dx_k = κ (δ_ky - p_k),
-    with the label's entry κ (1 - p_y)."""
+def _fused(x, yk, weight, scale, gamma, *, o: _Opts, wide_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss after reduction in ``x``'s dtype, dℓ/dx of the unreduced loss) in one pass. With p = softmax(x):
+    1 - p_y = Σ_{k≠y} p_k, a sum of non-negative terms, accurate at every margin; log p_y is log1p(-(1 - p_y))
+    where p_y > 1/2 (where the log-softmax has lost the digits of 1 - p_y) and the log-softmax's elsewhere;
+    dℓ/dx_k = κ (δ_ky - p_k), with the label's entry κ (1 - p_y). Eager for small inputs, compiled into one
+    kernel (:mod:`focal_torch._compiled`) for large ones, which pass ``o.gamma`` as ``gamma`` (so that a new
+    value needs no new kernel) and sum in float64 (``wide_sum``: inductor's float32 sums lose digits)."""
+    o = o._replace(gamma=gamma)
     d = o.dim
-    with _no_autocast(x.device):
-        lp = torch.log_softmax(x if x.dtype == o.cdtype else x.to(o.cdtype), d)
-        lpy = lp.gather(d, yk)
+    lp = torch.log_softmax(x if x.dtype == o.cdtype else x.to(o.cdtype), d)
+    lpy = lp.gather(d, yk)
+    if wide_sum:  # compiled: a comparison with the class index fuses where a scatter would not
+        is_y = _class_view(torch.arange(lp.shape[d], device=lp.device), lp.dim(), d) == yk
+        pz = torch.where(is_y, 0.0, torch.exp(lp))
+    else:
+        is_y = None
         pz = torch.exp(lp).scatter_(d, yk, 0.0)  # p with the label's entry cleared
-        u = pz.sum(d, keepdim=True)  # 1 - p_y
-        lpy = torch.where(lpy > -C.LN2, torch.log1p(torch.neg(u)), lpy)
-        loss = (_modulator(u, o) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
-        kappa = _kappa(lpy, u, o)
-        if weight is not None:
-            wy = weight[yk]
-            loss = loss * wy
-            kappa = kappa * wy
-        if not isinstance(kappa, torch.Tensor):
-            kappa = torch.full_like(u, kappa)
+    u = pz.sum(d, keepdim=True)  # 1 - p_y
+    lpy = torch.where(lpy > -C.LN2, torch.log1p(torch.neg(u)), lpy)
+    loss = (_modulator(u, o) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
+    kappa = _kappa(lpy, u, o)
+    if weight is not None:
+        wy = weight[yk]
+        loss = loss * wy
+        kappa = kappa * wy
+    if not isinstance(kappa, torch.Tensor):
+        kappa = torch.full_like(u, kappa)
+    if is_y is None:
         grad = pz.mul_(kappa.neg()).scatter_(d, yk, kappa * u)
+    else:
+        grad = torch.where(is_y, kappa * u, pz * kappa.neg())
+    loss = loss.squeeze(d)
+    if o.reduction != "none":
+        loss = loss.sum(dtype=torch.float64) if wide_sum else loss.sum()
+        if o.reduction == "mean":
+            loss = loss * scale
+    return (loss if loss.dtype == x.dtype else loss.to(x.dtype)), grad
+
+
+def _fused_forward(ctx, x, ys, yk, weight, scale, o: _Opts) -> torch.Tensor:
+    """:func:`_fused`, with dℓ/dx kept for the backward."""
+    with _no_autocast(x.device):
+        out = None
+        if _compiled.applies(x):
+            kind = o.gamma if (o.gamma == 0.0 or o.gamma_int is not None) else -1.0
+            out = _compiled.run("softmax", _fused, x, yk, weight, scale, o.gamma, o=o._replace(gamma=kind),
+                                wide_sum=True)
+        loss, grad = _fused(x, yk, weight, scale, o.gamma, o=o) if out is None else out
         ctx.grad_x, ctx.mask_rows = True, False
-        return _keep_and_reduce(ctx, x, grad, ys, weight, scale, o, True, loss.squeeze(d))
+        return _keep_and_reduce(ctx, x, grad, ys, weight, scale, o, True, loss, reduced=True)
 
 
-def _keep_and_reduce(ctx, x, kept, ys, weight, scale, o: _Opts, all_counted: bool, loss: torch.Tensor
-                     ) -> torch.Tensor:
+def _keep_and_reduce(ctx, x, kept, ys, weight, scale, o: _Opts, all_counted: bool, loss: torch.Tensor,
+                     reduced: bool = False) -> torch.Tensor:
     """Saves what the backward reads (``kept``: the log-probabilities, or dℓ/dx) and reduces the per-position
     loss."""
     ctx.o, ctx.all_counted, ctx.x_dtype = o, all_counted, x.dtype
@@ -231,7 +258,7 @@ def _keep_and_reduce(ctx, x, kept, ys, weight, scale, o: _Opts, all_counted: boo
     ctx.scale = None if ctx.scale_is_tensor else scale
     ctx.x_ref, ctx.x_version = weakref.ref(x), x._version
     ctx.save_for_backward(kept, ys, weight, scale if ctx.scale_is_tensor else None)
-    if o.reduction == "none":
+    if reduced or o.reduction == "none":
         return loss if loss.dtype == x.dtype else loss.to(x.dtype)
     total = loss.sum()
     if o.reduction == "mean":
@@ -464,7 +491,10 @@ def softmax_focal_loss(
     ``F.cross_entropy`` saves it, and nothing larger), and since
     :math:`\partial\ell_i/\partial x_k = \kappa_i(\delta_{k y_i} - p_k)` with one scalar
     :math:`\kappa_i` per position, the backward is torch's log-softmax backward applied to a one-hot of
-    :math:`\kappa_i`. Where :math:`p_y > 1/2`, :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k`
+    :math:`\kappa_i`. Inputs of at least ``focal_torch._compiled.COMPILE_MIN`` elements with every position
+    counted run the forward and that gradient together in one kernel compiled by ``torch.compile`` (see
+    :func:`focal_torch.set_compiled_kernels`), which keeps the gradient (the log-softmax's size) for a backward
+    of one multiplication. Where :math:`p_y > 1/2`, :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k`
     rather than taken as :math:`1 - p_y`, so value and gradient keep full relative precision however
     dominant the class. Everything else (probabilities, smoothing, tensor ``gamma``, gradients for
     ``target``, ``weight`` or ``gamma``, ``torch.compile``, ``torch.func`` transforms, forward-mode
