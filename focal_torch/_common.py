@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 import numbers
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -122,6 +123,22 @@ def spec_gamma(gamma: Any) -> Any:
         # the value itself is symbolic: it cannot be formatted into the message while tracing
         raise ValueError(focal_spec.invalid_value("gamma", focal_spec.GAMMA_EXPECTED, "a negative or infinite number"))
     return spec_value(gamma)
+
+
+def hold_logits(ctx: Any, x: torch.Tensor) -> None:
+    """Keeps a weak reference to the logits on ``ctx``: a kernel that saves dℓ/dx in their place needs them only
+    for a double backward (:func:`held_logits`)."""
+    ctx.x_ref, ctx.x_version = weakref.ref(x), x._version
+
+
+def held_logits(ctx: Any, loss: str) -> torch.Tensor:
+    """The logits kept by :func:`hold_logits`, for a double backward: RuntimeError if they are gone or were
+    modified in place since."""
+    x = ctx.x_ref()
+    if x is None or x._version != ctx.x_version:
+        raise RuntimeError(f"{loss}: a double backward needs the logits it was called with, alive and unmodified; "
+                           "keep a reference to them (or use torch.func transforms)")
+    return x
 
 
 def check_device(arg: str, value: Any, device: torch.device) -> None:

@@ -136,7 +136,8 @@ def _ce_inplace(x, tp, s, sn, pw, o: _Opts, ws: _Buffers | None = None) -> torch
     """ce in a new buffer, from s = σ(x) and s̄ = σ(-x): with r = relu(x), r̄ = relu(-x) = r - x (exact) and
     l = log1p(e^-|x|) = -log1p(-min(s, s̄)), ce = (1-t') r + π t' r̄ + ((1-t') + π t') l. Every term is >= 0.
     (For small inputs the softplus form (1-t') sp + π t' sp̄, with fewer ops.)"""
-    if x.numel() <= _SOFTPLUS_MAX:
+    n = x.numel()
+    if not isinstance(n, torch.SymInt) and n <= _SOFTPLUS_MAX:  # traced for a compiled kernel: any size
         ce = F.softplus(torch.neg(x), 1.0, C.SOFTPLUS_THRESHOLD)  # sp̄
         if pw is not None:
             ce.mul_(pw)
@@ -205,9 +206,9 @@ _BUFFERED = 1 << 15
 
 def _whole(x, t, alpha, weight, pw, mask, eps, scale, coef, gamma, alpha_num, *, o: _Opts, loss: bool, grad: bool
            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """:func:`_piece` over the whole input, reduced: what the compiled kernels run. ``gamma`` (a 0-d tensor where
-    γ is not a small whole number) and ``alpha_num`` are the numbers of ``o``, passed as arguments so that a new
-    value needs no new kernel."""
+    """:func:`_piece` over the whole input, reduced: what the compiled kernels run. ``gamma`` and ``alpha_num`` are
+    the numbers of ``o``: γ a 0-d tensor where it is not a small whole number (so that a new value needs no new
+    kernel), α a number (a constant of the kernel)."""
     o = o._replace(gamma=gamma, alpha=alpha_num)
     lp, gp = _piece(x, t, alpha, weight, pw, mask, eps, o, loss=loss, grad=grad)
     if lp is not None and o.reduction != "none":
@@ -235,7 +236,11 @@ def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, g
     n = x.numel()
     if _compiled.applies(x):
         gamma = o.gamma if o.gamma_int is not None else torch.full((), o.gamma, dtype=o.cdtype, device=x.device)
-        out = _compiled.run("sigmoid", _whole, x, t, alpha, weight, pw, mask, eps, scale, coef, gamma, o.alpha,
+        sc = None  # read for a mean only: an argument (a new batch size needs no new kernel), not a constant
+        if loss and o.reduction == "mean":
+            sc = scale if isinstance(scale, torch.Tensor) else torch.full((), scale, dtype=torch.float64,
+                                                                          device=x.device)
+        out = _compiled.run("sigmoid", _whole, x, t, alpha, weight, pw, mask, eps, sc, coef, gamma, o.alpha,
                             o=_static(o), loss=loss, grad=grad)
         if out is not None:
             return out
@@ -551,12 +556,18 @@ def _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad_
     saved = (x, t, alpha, weight, pw, gamma, mask, scale if ctx.scale_value is None else None,
              eps if ctx.eps_value is None else None)
     ctx.has_grad_x = grad_x is not None
-    ctx.save_for_backward(*saved, grad_x)
+    if ctx.has_grad_x:  # dℓ/dx takes the logits' place (a double backward finds them by a weak reference)
+        C.hold_logits(ctx, x)
+        ctx.save_for_backward(None, *saved[1:], grad_x)
+    else:
+        ctx.save_for_backward(*saved, grad_x)
     ctx.save_for_forward(*saved)
 
 
 def _unpack(ctx):
     x, t, alpha, weight, pw, gamma, mask, scale, eps = ctx.saved_tensors[:9]
+    if x is None:
+        x = C.held_logits(ctx, "sigmoid_focal_loss")
     if ctx.scale_value is not None:
         scale = ctx.scale_value
     if ctx.eps_value is not None:
@@ -794,10 +805,12 @@ def sigmoid_focal_loss(
     (``softplus(x) - t x`` would lose it for confident predictions). The derivatives have closed
     forms: computed with the loss and kept for inputs of at most :data:`FUSE_MAX` elements (one array of
     the input's size), recomputed from the saved inputs above it. Inputs of at least
-    ``focal_torch._compiled.COMPILE_MIN`` elements run the same kernel compiled by ``torch.compile`` (see
+    ``focal_torch._compiled.COMPILE_MIN`` elements (smaller ones after ``focal_torch._compiled.WARM_CALLS`` calls
+    of the same shape structure and options) run the same kernel compiled by inductor (see
     :func:`focal_torch.set_compiled_kernels`). The derivatives are themselves differentiable (double
-    backward, Hessians), and ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jacfwd``,
-    ``hessian``), forward-mode AD and ``torch.compile(fullgraph=True)`` apply.
+    backward, Hessians; where dℓ/dx was kept in place of the logits, a double backward needs the logits still
+    alive and unmodified: they are held by a weak reference, not saved), and ``torch.func`` (``grad``,
+    ``vmap``, ``jacrev``, ``jacfwd``, ``hessian``), forward-mode AD and ``torch.compile(fullgraph=True)`` apply.
 
     Args:
       input: logits, a ``torch.Tensor`` of any shape and layout, floating dtype. float16 and

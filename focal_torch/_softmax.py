@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -43,15 +42,17 @@ def _forward_ad_active() -> bool:
 # ----------------------------------------------------------------------------------------
 
 
-def _modulator(u: torch.Tensor, o: _Opts) -> torch.Tensor | float:
+def _modulator(u: torch.Tensor, o: _Opts, gamma: Any = None) -> torch.Tensor | float:
+    """(1-p)^γ. ``o`` selects the code (γ zero, whole, other); ``gamma``, where given, is γ's value (a tensor in a
+    compiled kernel, so that a new value needs no new kernel)."""
     if o.gamma == 0.0:
         return 1.0
     if o.gamma_int is not None:
         return C.ipow(u, o.gamma_int, inplace=False)
-    return torch.exp(torch.log(u) * o.gamma)  # u = 0: exp(-inf) = 0 (γ > 0 here)
+    return torch.exp(torch.log(u) * (o.gamma if gamma is None else gamma))  # u = 0: exp(-inf) = 0 (γ > 0 here)
 
 
-def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts) -> torch.Tensor | float:
+def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts, gamma: Any = None) -> torch.Tensor | float:
     """dℓ/d(log p_y) = κ = -m + γ p log p (1-p)^(γ-1), finite for every p (also 1-p = 0)."""
     if o.gamma == 0.0:
         return -1.0
@@ -61,10 +62,10 @@ def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts) -> torch.Tensor | float
         if n == 1:
             return (p * lpy).sub_(u)
         return C.ipow(u, n - 1, inplace=False) * (p * lpy * float(n) - u)
-    m = _modulator(u, o)
+    m = _modulator(u, o, gamma)
     pos = u > 0
     rho = torch.where(pos, lpy / torch.where(pos, u, 1.0), -1.0)
-    return (p * rho * o.gamma - 1.0) * m
+    return (p * rho * (o.gamma if gamma is None else gamma) - 1.0) * m
 
 
 def _host_select(t: torch.Tensor) -> bool:
@@ -203,10 +204,12 @@ def _fused(x, yk, weight, scale, gamma, *, o: _Opts, wide_sum: bool = False) -> 
     where p_y > 1/2 (where the log-softmax has lost the digits of 1 - p_y) and the log-softmax's elsewhere;
     dℓ/dx_k = κ (δ_ky - p_k), with the label's entry κ (1 - p_y). Eager for small inputs, compiled into one
     kernel (:mod:`focal_torch._compiled`) for large ones, which pass ``o.gamma`` as ``gamma`` (so that a new
-    value needs no new kernel) and sum in float64 (``wide_sum``: inductor's float32 sums lose digits)."""
-    o = o._replace(gamma=gamma)
+    value needs no new kernel) and sum in float64 (``wide_sum``: inductor's float32 sums lose digits). ``o``
+    selects the code; ``gamma`` is γ's value."""
     d = o.dim
     lp = torch.log_softmax(x if x.dtype == o.cdtype else x.to(o.cdtype), d)
+    if wide_sum:  # traced: the labels' sizes are those of the positions (so the trace assumes no more than that)
+        yk = yk.expand(*lp.shape[:d], 1, *lp.shape[d + 1:])
     lpy = lp.gather(d, yk)
     if wide_sum:  # compiled: a comparison with the class index fuses where a scatter would not
         is_y = _class_view(torch.arange(lp.shape[d], device=lp.device), lp.dim(), d) == yk
@@ -216,8 +219,8 @@ def _fused(x, yk, weight, scale, gamma, *, o: _Opts, wide_sum: bool = False) -> 
         pz = torch.exp(lp).scatter_(d, yk, 0.0)  # p with the label's entry cleared
     u = pz.sum(d, keepdim=True)  # 1 - p_y
     lpy = torch.where(lpy > -C.LN2, torch.log1p(torch.neg(u)), lpy)
-    loss = (_modulator(u, o) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
-    kappa = _kappa(lpy, u, o)
+    loss = (_modulator(u, o, gamma) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
+    kappa = _kappa(lpy, u, o, gamma)
     if weight is not None:
         wy = weight[yk]
         loss = loss * wy
@@ -241,9 +244,14 @@ def _fused_forward(ctx, x, ys, yk, weight, scale, o: _Opts) -> torch.Tensor:
     with _no_autocast(x.device):
         out = None
         if _compiled.applies(x):
-            kind = o.gamma if (o.gamma == 0.0 or o.gamma_int is not None) else -1.0
-            out = _compiled.run("softmax", _fused, x, yk, weight, scale, o.gamma, o=o._replace(gamma=kind),
-                                wide_sum=True)
+            whole = o.gamma == 0.0 or o.gamma_int is not None
+            gamma = o.gamma if whole else torch.full((), o.gamma, dtype=o.cdtype, device=x.device)
+            sc = None  # read for a mean only: an argument (a new batch size needs no new kernel), not a constant
+            if o.reduction == "mean":
+                sc = scale if isinstance(scale, torch.Tensor) else torch.full((), scale, dtype=torch.float64,
+                                                                              device=x.device)
+            out = _compiled.run("softmax", _fused, x, yk, weight, sc, gamma,
+                                o=o if whole else o._replace(gamma=-1.0), wide_sum=True)
         loss, grad = _fused(x, yk, weight, scale, o.gamma, o=o) if out is None else out
         ctx.grad_x, ctx.mask_rows = True, False
         return _keep_and_reduce(ctx, x, grad, ys, weight, scale, o, True, loss, reduced=True)
@@ -256,7 +264,7 @@ def _keep_and_reduce(ctx, x, kept, ys, weight, scale, o: _Opts, all_counted: boo
     ctx.o, ctx.all_counted, ctx.x_dtype = o, all_counted, x.dtype
     ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
     ctx.scale = None if ctx.scale_is_tensor else scale
-    ctx.x_ref, ctx.x_version = weakref.ref(x), x._version
+    C.hold_logits(ctx, x)
     ctx.save_for_backward(kept, ys, weight, scale if ctx.scale_is_tensor else None)
     if reduced or o.reduction == "none":
         return loss if loss.dtype == x.dtype else loss.to(x.dtype)
@@ -268,10 +276,7 @@ def _keep_and_reduce(ctx, x, kept, ys, weight, scale, o: _Opts, all_counted: boo
 
 def _index_double_backward(ctx, grad_out, ys, weight, scale):
     """The logits' gradient as a differentiable function of the logits and of ``grad_out``."""
-    x = ctx.x_ref()
-    if x is None or x._version != ctx.x_version:
-        raise RuntimeError("softmax_focal_loss: a double backward needs the logits it was called with, alive and "
-                           "unmodified; keep a reference to them (or use torch.func transforms)")
+    x = C.held_logits(ctx, "softmax_focal_loss")
     o: _Opts = ctx.o
     counted = ys >= 0
     with torch.enable_grad():
@@ -491,9 +496,10 @@ def softmax_focal_loss(
     ``F.cross_entropy`` saves it, and nothing larger), and since
     :math:`\partial\ell_i/\partial x_k = \kappa_i(\delta_{k y_i} - p_k)` with one scalar
     :math:`\kappa_i` per position, the backward is torch's log-softmax backward applied to a one-hot of
-    :math:`\kappa_i`. Inputs of at least ``focal_torch._compiled.COMPILE_MIN`` elements with every position
-    counted run the forward and that gradient together in one kernel compiled by ``torch.compile`` (see
-    :func:`focal_torch.set_compiled_kernels`), which keeps the gradient (the log-softmax's size) for a backward
+    :math:`\kappa_i`. Inputs with every position counted run the forward and that gradient together in one
+    kernel compiled by inductor (from ``focal_torch._compiled.COMPILE_MIN`` elements on the first call, smaller
+    ones after ``focal_torch._compiled.WARM_CALLS`` calls; see :func:`focal_torch.set_compiled_kernels`), which
+    keeps the gradient (the log-softmax's size) for a backward
     of one multiplication. Where :math:`p_y > 1/2`, :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k`
     rather than taken as :math:`1 - p_y`, so value and gradient keep full relative precision however
     dominant the class. Everything else (probabilities, smoothing, tensor ``gamma``, gradients for

@@ -229,6 +229,36 @@ def test_gradgradcheck_logits(gamma, reduction):
     assert torch.autograd.gradgradcheck(fn, (x.requires_grad_(),))
 
 
+def test_double_backward_after_the_logits_are_gone_raises_clearly():
+    """The kernels keep dℓ/dx in place of the logits, which a double backward finds by a weak reference."""
+    ft = _ft()
+    x, t = _inputs()
+    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    loss = ft.sigmoid_focal_loss(x @ w, t, reduction="mean")  # the logits are an intermediate nobody holds
+    with pytest.raises(RuntimeError, match="double backward needs the logits"):
+        torch.autograd.grad(loss, w, create_graph=True)
+    z = x @ w
+    loss = ft.sigmoid_focal_loss(z, t, reduction="mean")
+    with torch.no_grad():
+        z.add_(1.0)  # modified in place after the call
+    with pytest.raises(RuntimeError, match="double backward needs the logits"):
+        torch.autograd.grad(loss, w, create_graph=True)
+    (g,) = torch.autograd.grad(ft.sigmoid_focal_loss(x @ w, t, reduction="mean"), w)  # first order is fine
+    assert torch.isfinite(g).all()
+
+
+def test_double_backward_with_a_temporary_target():
+    """The targets are saved (not held weakly): a target built in the call still serves a double backward."""
+    ft = _ft()
+    x, t = _inputs((3, 4), seed=5)
+    z = x.clone().requires_grad_()
+    loss = ft.sigmoid_focal_loss(z, (t > 0.5).double(), alpha=0.3, reduction="sum")
+    (g,) = torch.autograd.grad(loss, z, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), z)
+    ref = torch.autograd.functional.hessian(lambda v: plain_formula(v, t, 2.0, 0.3, "sum"), x).reshape(12, 12)
+    _close(h.reshape(-1), ref.sum(0), "Hessian row sums")
+
+
 SATURATED = torch.tensor([100.0, -100.0, 80.0, -80.0, 30.0, -30.0, 0.0, 2.0])
 
 
