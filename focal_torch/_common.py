@@ -141,6 +141,18 @@ def held_logits(ctx: Any, loss: str) -> torch.Tensor:
     return x
 
 
+def plain_apply(function: type[torch.autograd.Function]) -> Any:
+    """``function.apply`` without the Python layer of ``torch.autograd.Function.apply`` (its default-argument
+    binding and ``torch.func`` checks cost microseconds per call): for the plain calls, which run only outside
+    ``torch.func`` transforms."""
+    return super(torch.autograd.Function, function).apply  # the C implementation
+
+
+graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
+"""Inside a backward: whether the graph is retained after it (``retain_graph``/``create_graph``). Where it is not, a
+kept gradient may be handed over as the result instead of a copy (its one other reference is freed)."""
+
+
 def check_device(arg: str, value: Any, device: torch.device) -> None:
     """A tensor option must live on the logits' device; a CPU tensor may accompany accelerator logits (it
     is moved, as a Python number would be). Anything involving the meta device must match exactly."""

@@ -6,9 +6,11 @@ and vector math on the CPU, Triton on a GPU) behind one call.
 
 How a kernel is made. The kernel's Python code is traced to an ATen graph with symbolic sizes
 (``make_fx(tracing_mode="symbolic")``; equal sizes share a symbol, so that inductor sees equal loop ranges), and
-the graph is compiled by inductor (``compile_fx``). The result is called directly, without ``torch.compile``'s
-per-call machinery (its guards and wrappers cost 30-50 µs a call; this call, a few). What a kernel is specialised
-on is its key, checked at every call in place of guards: the kernel's name and options; each argument's dtype,
+the graph, made functional and decomposed, is compiled by inductor's inner compiler (``compile_fx_inner``). Its
+generated function is called directly, without ``torch.compile``'s per-call machinery (guards and wrappers cost
+30-50 µs a call; this call about 3 µs at (8, 4)). What a kernel is specialised
+on is its key, checked at every call in place of guards: the kernel's name and options; the thread count
+(baked into the OpenMP code; 1 below :data:`PARALLEL_MIN` elements); each argument's dtype,
 device, number of dims and layout (contiguous, or channels_last for 4-d); which of all their sizes are equal and
 which are 1; and the values of the non-tensor arguments (numbers such as ``alpha`` are constants of the kernel;
 what changes from call to call, such as the mean's scale or a fractional γ, is passed as a tensor). A new batch
@@ -39,13 +41,18 @@ COMPILE_MIN = 1 << 13
 WARM_CALLS = 100
 """Smaller inputs compile their kernel on this call of the same key (the eager kernels serve the calls before)."""
 
+PARALLEL_MIN = 1 << 15
+"""Kernels for inputs of at least this many elements run on torch's intra-op threads (OpenMP); smaller ones get a
+single-threaded kernel of their own (waking the threads costs more than it saves there)."""
+
 MAX_KERNELS = 256
 """At most this many kernels per process; further keys run the eager kernels."""
 
 _ENV = "FOCAL_TORCH_COMPILE"
 _enabled = os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 _failed: str | None = None
-_kernels: dict[Any, Callable[..., Any]] = {}
+_kernels: dict[Any, tuple[Callable[..., Any], bool]] = {}
+_seen: dict[Any, tuple[Callable[..., Any], bool, tuple[int, ...], frozenset[int]]] = {}
 _calls: dict[Any, int] = {}
 _INT32_MAX = (1 << 31) - 1
 
@@ -99,30 +106,46 @@ def _size_pattern(args: tuple) -> tuple[int, ...]:
                  for a in args if isinstance(a, torch.Tensor) for s in a.shape)
 
 
-def _compile(fn: Callable[..., Any], args: tuple, static: dict) -> Callable[..., Any]:
-    """``fn(*args, **static)`` traced with symbolic sizes and compiled: a callable of ``args``' tensors (0-d ones
-    passed with shape (1,)), the other arguments baked in."""
-    from torch._inductor.compile_fx import compile_fx
+def _compile(fn: Callable[..., Any], args: tuple, static: dict, threads: int) -> tuple[Callable[..., Any], bool]:
+    """``fn(*args, **static)`` traced with symbolic sizes and compiled: (a callable of the list of ``args``'
+    tensors (0-d ones passed with shape (1,)), the other arguments baked in, returning a list of outputs; whether
+    ``fn`` returns one output rather than a tuple)."""
+    from torch._guards import TracingContext, tracing
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx_inner
+    from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental import _config as fx_config
     from torch.fx.experimental.proxy_tensor import make_fx
 
     slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     scalars = {i for i in slots if args[i].dim() == 0}
     consts = [None if i in slots else a for i, a in enumerate(args)]
+    single = []
 
-    def kernel(*tensors: torch.Tensor) -> Any:
+    def kernel(*tensors: torch.Tensor) -> tuple:
         full = list(consts)
         for i, t in zip(slots, tensors, strict=True):
             full[i] = t.reshape(()) if i in scalars else t
-        return fn(*full, **static)
+        out = fn(*full, **static)
+        single.append(not isinstance(out, tuple))
+        return (out,) if single[-1] else out
 
-    # A 0-d tensor would be read as a Python number by the tracer (a value the kernel would then depend on).
+    # A 0-d tensor would be read as a Python number by the tracer (a value the kernel would then depend on). The
+    # graph is made functional and decomposed here, as inductor's own front end would, so that inductor's inner
+    # compiler takes it and its generated function is called without the front end's per-call wrappers.
     examples = [args[i].detach().reshape(1) if i in scalars else args[i].detach() for i in slots]
     with torch.no_grad(), fx_config.patch(use_duck_shape=True):  # equal sizes, one symbol: see _size_pattern
-        graph = make_fx(kernel, tracing_mode="symbolic")(*examples)
+        graph = make_fx(torch.func.functionalize(kernel, remove="mutations_and_views"),
+                        decomposition_table=select_decomp_table(), tracing_mode="symbolic")(*examples)
     fakes = [n.meta["val"] for n in graph.graph.nodes if n.op == "placeholder"]
     _check_assumptions(fakes)
-    return compile_fx(graph, fakes)
+    # The thread count is baked into the C++ (OpenMP) code; naming it in the config puts it into inductor's cache
+    # key, so that a kernel compiled in a process with fewer threads is not loaded from disk by one with more.
+    # The inputs' sizes and strides are those of the kernel's key (checked by ``run``): no assertions per call.
+    options = {"cpp.threads": threads, "size_asserts": False}
+    with inductor_config.patch(options), tracing(TracingContext(fakes[0].fake_mode)):
+        compiled = compile_fx_inner(graph, fakes)
+    return compiled.current_callable, single[0]
 
 
 def _check_assumptions(fakes: list) -> None:
@@ -149,24 +172,53 @@ def _holds(expr: Any) -> bool:
     return False
 
 
+_scalars: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
+def scalar(value: float, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-d float64 tensor on ``device`` (a kernel argument, so that a new value, such as the mean's
+    1/n for a new batch size, needs no new kernel), made once per value and device (the kernels only read it)."""
+    key = (value, device)
+    t = _scalars.get(key)
+    if t is None:
+        if len(_scalars) >= 1024:
+            _scalars.clear()
+        t = _scalars[key] = torch.full((), value, dtype=torch.float64, device=device)
+    return t
+
+
 def run(name: str, fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
     """``fn(*args, **static)`` by a compiled kernel, or None where no kernel serves this call (yet): the caller
-    then runs its eager kernel. ``args[0]`` is the input whose size decides when the kernel is compiled."""
+    then runs its eager kernel. ``args[0]`` is the input whose size decides when the kernel is compiled and whether
+    it runs on several threads. Calls whose exact shapes, strides, dtypes and values were seen before find their
+    kernel in one lookup; others derive the kernel's key (:func:`_signature`, :func:`_size_pattern`)."""
     global _failed
-    sig = tuple(_signature(a) for a in args)
-    if None in sig:  # a layout, size or emptiness no kernel takes
-        return None
-    key = (name, tuple(sorted(static.items())), sig, _size_pattern(args))
-    kernel = _kernels.get(key)
+    threads = torch.get_num_threads() if args[0].numel() >= PARALLEL_MIN else 1
+    exact = (name, *static.items(), threads, *[(a.shape, a.stride(), a.dtype, a.device) if type(a) is torch.Tensor
+                                               else (type(a), a) for a in args])
     try:
-        if kernel is None:
-            calls = _calls.get(key, 0) + 1
-            if args[0].numel() < COMPILE_MIN and calls < WARM_CALLS or len(_kernels) >= MAX_KERNELS:
-                _calls[key] = calls
+        hit = _seen.get(exact)
+        if hit is None:
+            sig = tuple(_signature(a) for a in args)
+            if None in sig:  # a layout, size or emptiness no kernel takes
                 return None
-            _calls.pop(key, None)
-            kernel = _kernels[key] = _compile(fn, args, static)
-        return kernel(*(a.reshape(1) if a.dim() == 0 else a for a in args if isinstance(a, torch.Tensor)))
+            key = (name, tuple(sorted(static.items())), sig, _size_pattern(args), threads)
+            kernel = _kernels.get(key)
+            if kernel is None:
+                calls = _calls.get(key, 0) + 1
+                if args[0].numel() < COMPILE_MIN and calls < WARM_CALLS or len(_kernels) >= MAX_KERNELS:
+                    _calls[key] = calls
+                    return None
+                _calls.pop(key, None)
+                kernel = _kernels[key] = _compile(fn, args, static, threads)
+            slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            hit = *kernel, slots, frozenset(i for i in slots if args[i].dim() == 0)
+            if len(_seen) >= 4096:
+                _seen.clear()
+            _seen[exact] = hit
+        kernel, single, slots, scalars = hit
+        out = kernel([args[i].reshape(1) if i in scalars else args[i] for i in slots])
+        return out[0] if single else tuple(out)
     except Exception as err:  # no compiler, an inductor limitation: the eager kernels serve from now on
         _failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         warnings.warn(f"focal_torch: compiled kernels are unavailable ({_failed}); using the eager kernels "

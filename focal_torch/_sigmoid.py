@@ -204,11 +204,11 @@ _BUFFERED = 1 << 15
 """Inputs above this many elements reuse temporaries across pieces (:class:`_Buffers`)."""
 
 
-def _whole(x, t, alpha, weight, pw, mask, eps, scale, coef, gamma, alpha_num, *, o: _Opts, loss: bool, grad: bool
-           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _whole(x, t, alpha, weight, pw, mask, eps, scale, coef, gamma, alpha_num, *, o: _Opts, loss: bool, grad: bool,
+           scale_grad: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """:func:`_piece` over the whole input, reduced: what the compiled kernels run. ``gamma`` and ``alpha_num`` are
     the numbers of ``o``: γ a 0-d tensor where it is not a small whole number (so that a new value needs no new
-    kernel), α a number (a constant of the kernel)."""
+    kernel), α a number (a constant of the kernel). ``scale_grad``: dℓ/dx of the mean (times ``scale``)."""
     o = o._replace(gamma=gamma, alpha=alpha_num)
     lp, gp = _piece(x, t, alpha, weight, pw, mask, eps, o, loss=loss, grad=grad)
     if lp is not None and o.reduction != "none":
@@ -219,9 +219,12 @@ def _whole(x, t, alpha, weight, pw, mask, eps, scale, coef, gamma, alpha_num, *,
         lp = lp.to(x.dtype)
     if gp is not None and coef is not None:
         gp = gp * coef
+    if gp is not None and scale_grad:
+        gp = gp * scale
     return lp, gp
 
 
+@functools.lru_cache(maxsize=256)
 def _static(o: _Opts) -> _Opts:
     """``o`` with the numbers that are arguments of the compiled kernels replaced by what selects the code: γ's
     kind (0, a small whole number, any other), α's presence."""
@@ -229,19 +232,18 @@ def _static(o: _Opts) -> _Opts:
     return o._replace(gamma=kind, alpha=None if o.alpha is None else -1.0)
 
 
-def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, grad: bool, coef: Any = None
-           ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, grad: bool, coef: Any = None,
+           scale_grad: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The eager kernels over the pieces of :func:`C.chunked` (or, for a large input, compiled over the whole
-    of it): (loss after reduction, dℓ/dx [times ``coef``])."""
+    of it): (loss after reduction, dℓ/dx [times ``coef``; times the mean's ``scale`` with ``scale_grad``])."""
     n = x.numel()
     if _compiled.applies(x):
         gamma = o.gamma if o.gamma_int is not None else torch.full((), o.gamma, dtype=o.cdtype, device=x.device)
         sc = None  # read for a mean only: an argument (a new batch size needs no new kernel), not a constant
-        if loss and o.reduction == "mean":
-            sc = scale if isinstance(scale, torch.Tensor) else torch.full((), scale, dtype=torch.float64,
-                                                                          device=x.device)
+        if (loss or scale_grad) and o.reduction == "mean":
+            sc = scale if isinstance(scale, torch.Tensor) else _compiled.scalar(scale, x.device)
         out = _compiled.run("sigmoid", _whole, x, t, alpha, weight, pw, mask, eps, sc, coef, gamma, o.alpha,
-                            o=_static(o), loss=loss, grad=grad)
+                            o=_static(o), loss=loss, grad=grad, scale_grad=scale_grad)
         if out is not None:
             return out
     ws = _Buffers(x, o.cdtype) if n > _BUFFERED else None
@@ -254,6 +256,8 @@ def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, g
     l_out = None if (not loss or o.reduction != "none" or whole) else torch.empty_like(x, memory_format=fmt)
     sums = []
     total = g = None
+    if scale_grad:
+        coef = scale if coef is None else coef * scale
     k = coef if per_element else (None if coef is None else C.scalar_or_tensor(coef))
     for region, (xp, tp, ap, wp, pp, mp, cp) in pieces:
         if not per_element:
@@ -544,7 +548,8 @@ def _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad: b
         if not _fast(o, eps, x, t, alpha, weight, pw, mask, scale):
             loss = _reduce(_Parts(x, t, alpha, weight, pw, gamma, mask, eps, o).loss(), o, scale)
             return loss.to(x.dtype), None
-        return _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=True, grad=grad)
+        return _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=True, grad=grad,
+                      scale_grad=grad and o.reduction == "mean")
 
 
 def _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad_x=None) -> None:
@@ -561,7 +566,8 @@ def _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad_
         ctx.save_for_backward(None, *saved[1:], grad_x)
     else:
         ctx.save_for_backward(*saved, grad_x)
-    ctx.save_for_forward(*saved)
+    if not o.eager:  # a plain eager call runs outside forward-mode AD
+        ctx.save_for_forward(*saved)
 
 
 def _unpack(ctx):
@@ -581,9 +587,10 @@ def _backward(ctx, grad_out):
         g = ctx.saved_tensors[9]
         with C.no_autocast(g.device, o.eager):
             coef = grad_out if grad_out.dtype == g.dtype else grad_out.to(g.dtype)
-            if o.reduction == "mean":
-                coef = coef * (ctx.scale_value if ctx.scale_value is not None else ctx.saved_tensors[7])
-            g = g * coef
+            if (o.reduction != "none" and g.dtype == ctx.x_dtype and C.is_host(coef)
+                    and not C.graph_kept() and coef.item() == 1.0):
+                return (g, *(None,) * 9)  # loss.backward(): handed over, as the graph is freed after this backward
+            g = g * coef  # (the mean's scale is in g already)
             return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype), *(None,) * 9)
     x, t, alpha, weight, pw, gamma, mask, scale, eps = _unpack(ctx)
     need = ctx.needs_input_grad
@@ -648,6 +655,9 @@ class _SigmoidFocal(torch.autograd.Function):
 
     backward = staticmethod(_backward)
     jvp = staticmethod(_jvp)
+
+
+_apply_plain = C.plain_apply(_SigmoidFocal)
 
 
 class _SigmoidFocalCompiled(torch.autograd.Function):
@@ -905,7 +915,7 @@ def sigmoid_focal_loss(
         plain = _plain_call(input, target, gamma, alpha, label_smoothing, reduction)
         if plain is not None:
             opts, scale = plain
-            return _SigmoidFocal.apply(input, target, None, None, None, None, None, scale, opts.eps, opts.o)
+            return _apply_plain(input, target, None, None, None, None, None, scale, opts.eps, opts.o)
     target = C.checked_target(input, target, gamma=gamma, alpha=alpha, weight=weight, pos_weight=pos_weight,
                               where=where)
     dev = input.device

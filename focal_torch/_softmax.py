@@ -162,8 +162,10 @@ class _IndexFocal(torch.autograd.Function):
             go = grad_out if grad_out.dtype == lp.dtype else grad_out.to(lp.dtype)
             if o.reduction == "none":
                 go = go.unsqueeze(d)
-            elif o.reduction == "mean":
-                go = go * scale
+            elif lp.dtype == ctx.x_dtype and C.is_host(go) and not C.graph_kept() and go.item() == 1.0:
+                # loss.backward(): lp is the gradient (the mean's scale is in it already), handed over, as the
+                # graph (and with it this reference) is freed after this backward
+                return lp, *none
             g = lp * go
             return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype)), *none
         with _no_autocast(lp.device):
@@ -193,31 +195,42 @@ class _IndexFocal(torch.autograd.Function):
             return grad.to(ctx.x_dtype), *none
 
 
+_apply_plain = C.plain_apply(_IndexFocal)
+
+
 FUSE_MAX = 1 << 16
 """Integer-label inputs of at most this many elements, all positions counted, compute dℓ/dx with the loss and
 keep it (in place of the log-probabilities, the same size) for a backward of one multiplication."""
 
 
 def _fused(x, yk, weight, scale, gamma, *, o: _Opts, wide_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss after reduction in ``x``'s dtype, dℓ/dx of the unreduced loss) in one pass. With p = softmax(x):
+    """(loss after reduction in ``x``'s dtype, dℓ/dx of the reduced loss) in one pass. With p = softmax(x):
     1 - p_y = Σ_{k≠y} p_k, a sum of non-negative terms, accurate at every margin; log p_y is log1p(-(1 - p_y))
     where p_y > 1/2 (where the log-softmax has lost the digits of 1 - p_y) and the log-softmax's elsewhere;
-    dℓ/dx_k = κ (δ_ky - p_k), with the label's entry κ (1 - p_y). Eager for small inputs, compiled into one
-    kernel (:mod:`focal_torch._compiled`) for large ones, which pass ``o.gamma`` as ``gamma`` (so that a new
-    value needs no new kernel) and sum in float64 (``wide_sum``: inductor's float32 sums lose digits). ``o``
-    selects the code; ``gamma`` is γ's value."""
+    dℓ/dx_k = κ (δ_ky - p_k), with the label's entry κ (1 - p_y). Eager, or compiled into one kernel
+    (:mod:`focal_torch._compiled`, ``wide_sum``: the softmax's sums formed in fewer passes, the loss summed in
+    float64, as inductor's float32 sums lose digits), which passes a fractional γ as a tensor (so that a new value
+    needs no new kernel). ``o`` selects the code; ``gamma`` is γ's value."""
     d = o.dim
-    lp = torch.log_softmax(x if x.dtype == o.cdtype else x.to(o.cdtype), d)
-    if wide_sum:  # traced: the labels' sizes are those of the positions (so the trace assumes no more than that)
-        yk = yk.expand(*lp.shape[:d], 1, *lp.shape[d + 1:])
-    lpy = lp.gather(d, yk)
-    if wide_sum:  # compiled: a comparison with the class index fuses where a scatter would not
-        is_y = _class_view(torch.arange(lp.shape[d], device=lp.device), lp.dim(), d) == yk
-        pz = torch.where(is_y, 0.0, torch.exp(lp))
+    xc = x if x.dtype == o.cdtype else x.to(o.cdtype)
+    if wide_sum:
+        # Compiled: three passes over the logits. The max; S = Σ e_k and Σ_{k≠y} e_k = (1 - p_y) S together
+        # (e_k = exp(x_k - max)); dℓ/dx. A comparison with the class index fuses where a scatter would not; the
+        # labels are expanded to the positions' sizes (so that the trace assumes no more than their equality).
+        yk = yk.expand(*xc.shape[:d], 1, *xc.shape[d + 1:])
+        is_y = _class_view(torch.arange(xc.shape[d], device=xc.device), xc.dim(), d) == yk
+        z = xc - xc.amax(d, keepdim=True)
+        e = torch.exp(z)
+        total = e.sum(d, keepdim=True)
+        u = torch.where(is_y, 0.0, e).sum(d, keepdim=True) / total  # 1 - p_y
+        lpy = z.gather(d, yk) - torch.log(total)
+        pz = torch.where(is_y, 0.0, e / total)  # p with the label's entry cleared
     else:
+        lp = torch.log_softmax(xc, d)
+        lpy = lp.gather(d, yk)
         is_y = None
         pz = torch.exp(lp).scatter_(d, yk, 0.0)  # p with the label's entry cleared
-    u = pz.sum(d, keepdim=True)  # 1 - p_y
+        u = pz.sum(d, keepdim=True)  # 1 - p_y
     lpy = torch.where(lpy > -C.LN2, torch.log1p(torch.neg(u)), lpy)
     loss = (_modulator(u, o, gamma) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
     kappa = _kappa(lpy, u, o, gamma)
@@ -225,6 +238,8 @@ def _fused(x, yk, weight, scale, gamma, *, o: _Opts, wide_sum: bool = False) -> 
         wy = weight[yk]
         loss = loss * wy
         kappa = kappa * wy
+    if o.reduction == "mean":  # the gradient of the mean (a per-position factor: the backward's one multiplication)
+        kappa = kappa * scale
     if not isinstance(kappa, torch.Tensor):
         kappa = torch.full_like(u, kappa)
     if is_y is None:
@@ -248,8 +263,7 @@ def _fused_forward(ctx, x, ys, yk, weight, scale, o: _Opts) -> torch.Tensor:
             gamma = o.gamma if whole else torch.full((), o.gamma, dtype=o.cdtype, device=x.device)
             sc = None  # read for a mean only: an argument (a new batch size needs no new kernel), not a constant
             if o.reduction == "mean":
-                sc = scale if isinstance(scale, torch.Tensor) else torch.full((), scale, dtype=torch.float64,
-                                                                              device=x.device)
+                sc = scale if isinstance(scale, torch.Tensor) else _compiled.scalar(scale, x.device)
             out = _compiled.run("softmax", _fused, x, yk, weight, sc, gamma,
                                 o=o if whole else o._replace(gamma=-1.0), wide_sum=True)
         loss, grad = _fused(x, yk, weight, scale, o.gamma, o=o) if out is None else out
@@ -577,7 +591,7 @@ def softmax_focal_loss(
             and type(target) is torch.Tensor and not target.is_floating_point()):
         plain = _plain_call(input, target, gamma, ignore_index, label_smoothing, dim, reduction)
         if plain is not None:
-            return _IndexFocal.apply(input, *plain, True)
+            return _apply_plain(input, *plain, True)
     target = C.checked_target(input, target, weight=weight, where=where)
     dev = input.device
     o = _options(input, target, gamma, weight, ignore_index, label_smoothing, where, dim, reduction)

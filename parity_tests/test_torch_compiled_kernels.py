@@ -27,6 +27,7 @@ def compiled(monkeypatch):
     monkeypatch.setattr(_compiled, "COMPILE_MIN", 0)
     monkeypatch.setattr(_compiled, "_enabled", True)
     monkeypatch.setattr(_compiled, "_failed", None)
+    monkeypatch.setattr(_compiled, "_seen", {})
     return _compiled
 
 
@@ -205,6 +206,7 @@ def test_small_inputs_compile_after_warm_calls(monkeypatch):
     monkeypatch.setattr(_compiled, "_enabled", True)
     monkeypatch.setattr(_compiled, "_failed", None)
     monkeypatch.setattr(_compiled, "_kernels", {})
+    monkeypatch.setattr(_compiled, "_seen", {})
     monkeypatch.setattr(_compiled, "_calls", {})
     calls = _spy(monkeypatch, _compiled)
     x = torch.randn(6, 5, requires_grad=True)
@@ -241,6 +243,33 @@ def test_sizes_of_one_and_layouts_select_their_own_kernel(compiled, monkeypatch)
         warnings.simplefilter("error")
         torch.autograd.grad(ft.sigmoid_focal_loss(x, torch.rand(5, 7)), x)
     assert calls == ["sigmoid"] * 6 and compiled.compiled_kernels_enabled()
+
+
+def test_the_thread_count_is_part_of_the_key_and_of_inductors_cache_key(compiled, monkeypatch):
+    """OpenMP code bakes the thread count in: a process that compiled with one thread (a DDP worker) must not leave
+    a serial kernel in inductor's disk cache for processes with more."""
+    import torch._inductor.compile_fx as cfx
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(compiled, "_kernels", {})
+    seen = []
+    real = cfx.compile_fx_inner
+
+    def spy(*a, **kw):
+        seen.append(inductor_config.cpp.threads)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx_inner", spy)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for size in (compiled.PARALLEL_MIN, 64):  # a small input gets a single-threaded kernel of its own
+                out = compiled.run("probe", lambda v: v * 2.0, torch.ones(size))
+                assert torch.equal(out, torch.full((size,), 2.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 2] and len(compiled._kernels) == 2
 
 
 def test_a_kernel_that_branches_on_a_size_is_refused(compiled):
@@ -305,13 +334,14 @@ def test_failed_compilation_warns_once_and_runs_the_eager_kernels(monkeypatch):
     import focal_torch as ft
     from focal_torch import _compiled
 
-    def broken(fn, args, static):
+    def broken(*args):
         raise RuntimeError("no C++ compiler\nsecond line")
 
     monkeypatch.setattr(_compiled, "COMPILE_MIN", 0)
     monkeypatch.setattr(_compiled, "_enabled", True)
     monkeypatch.setattr(_compiled, "_failed", None)
     monkeypatch.setattr(_compiled, "_kernels", {})
+    monkeypatch.setattr(_compiled, "_seen", {})
     monkeypatch.setattr(_compiled, "_compile", broken)
     x = torch.randn(40, 3, dtype=torch.float64)
     t = torch.rand(40, 3, dtype=torch.float64)

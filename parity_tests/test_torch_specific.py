@@ -506,3 +506,30 @@ def test_original_geometric_one_minus_p_is_exact(dtype, compiled):
     want = -torch.expm1(-c.double())
     rtol = 4e-7 if dtype == "float32" else 3e-14  # float32: 3.4 ulps; float64: 1 - e^-c above 0.01 loses < 7 bits
     assert torch.all((got - want).abs() <= rtol * want.abs()), float(((got - want).abs() / want.abs()).max())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_retained_graph_gradients_stay_independent(loss, reduction):
+    """``loss.backward()`` hands the kept gradient over when the graph is freed; with ``retain_graph`` it must not,
+    or a gradient changed in place (or accumulated into) would change the next backward's."""
+    ft = _ft()
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(6, 5, generator=g) * 2).requires_grad_()
+    if loss == "sigmoid":
+        t = (torch.rand(6, 5, generator=g) < 0.4).float()
+        fn = ft.sigmoid_focal_loss
+    else:
+        t = torch.randint(0, 5, (6,), generator=g)
+        fn = ft.softmax_focal_loss
+    out = fn(x, t, reduction=reduction)
+    (grad,) = torch.autograd.grad(out, x, retain_graph=True)
+    expected = grad.clone()
+    grad.mul_(5.0)  # the caller owns what it was given
+    for _ in range(2):
+        out.backward(retain_graph=True)
+    out.backward()
+    torch.testing.assert_close(x.grad, 3.0 * expected, rtol=1e-6, atol=0.0)
+    x.grad = None
+    fn(x, t, reduction=reduction).backward()  # the graph is freed: the gradient handed over
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=0.0)
