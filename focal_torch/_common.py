@@ -148,9 +148,16 @@ def plain_apply(function: type[torch.autograd.Function]) -> Any:
     return super(torch.autograd.Function, function).apply  # the C implementation
 
 
-graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
-"""Inside a backward: whether the graph is retained after it (``retain_graph``/``create_graph``). Where it is not, a
-kept gradient may be handed over as the result instead of a copy (its one other reference is freed)."""
+_graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
+
+
+def hand_over(kept: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a backward may return ``kept`` (dℓ/dx of the reduced loss, computed with it) itself as the gradient
+    instead of ``kept * grad_out``: the cotangent is exactly 1 (``loss.backward()``) and read for free (host), ``kept``
+    is in the input's dtype, and the graph is freed after this backward (no ``retain_graph``/``create_graph``), so
+    that the saved reference goes and the caller owns the tensor."""
+    return (kept.dtype == dtype and grad_out.numel() == 1 and is_host(grad_out) and not _graph_kept()
+            and grad_out.item() == 1.0)
 
 
 def check_device(arg: str, value: Any, device: torch.device) -> None:

@@ -207,6 +207,8 @@ def run(name: str, fn: Callable[..., Any], *args: Any, **static: Any) -> Any:
             if kernel is None:
                 calls = _calls.get(key, 0) + 1
                 if args[0].numel() < COMPILE_MIN and calls < WARM_CALLS or len(_kernels) >= MAX_KERNELS:
+                    if len(_calls) >= 4096:
+                        _calls.clear()
                     _calls[key] = calls
                     return None
                 _calls.pop(key, None)

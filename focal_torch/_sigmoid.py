@@ -587,9 +587,8 @@ def _backward(ctx, grad_out):
         g = ctx.saved_tensors[9]
         with C.no_autocast(g.device, o.eager):
             coef = grad_out if grad_out.dtype == g.dtype else grad_out.to(g.dtype)
-            if (o.reduction != "none" and g.dtype == ctx.x_dtype and C.is_host(coef)
-                    and not C.graph_kept() and coef.item() == 1.0):
-                return (g, *(None,) * 9)  # loss.backward(): handed over, as the graph is freed after this backward
+            if o.reduction != "none" and C.hand_over(g, grad_out, ctx.x_dtype):  # loss.backward()
+                return (g, *(None,) * 9)
             g = g * coef  # (the mean's scale is in g already)
             return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype), *(None,) * 9)
     x, t, alpha, weight, pw, gamma, mask, scale, eps = _unpack(ctx)

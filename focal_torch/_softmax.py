@@ -162,9 +162,7 @@ class _IndexFocal(torch.autograd.Function):
             go = grad_out if grad_out.dtype == lp.dtype else grad_out.to(lp.dtype)
             if o.reduction == "none":
                 go = go.unsqueeze(d)
-            elif lp.dtype == ctx.x_dtype and C.is_host(go) and not C.graph_kept() and go.item() == 1.0:
-                # loss.backward(): lp is the gradient (the mean's scale is in it already), handed over, as the
-                # graph (and with it this reference) is freed after this backward
+            elif C.hand_over(lp, go, ctx.x_dtype):  # loss.backward(): lp is the gradient (the mean's 1/n in it)
                 return lp, *none
             g = lp * go
             return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype)), *none

@@ -107,6 +107,30 @@ def test_softmax_compiled_meets_the_contract(compiled, monkeypatch, case, dtype)
     assert calls == ["softmax"]
 
 
+@pytest.mark.parametrize("label_dtype", ["uint8", "int32", "int64"])
+@pytest.mark.parametrize("axis", [0, 2, -1])
+def test_softmax_compiled_class_axes_and_label_dtypes(compiled, monkeypatch, axis, label_dtype):
+    """The kernel on a class dim other than 1, with small integer label dtypes, against the reference."""
+    import focal_torch as ft
+    from parity_tests.test_torch_softmax_inputs import _label_entry_exact
+
+    calls = _spy(monkeypatch, compiled)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 6, 7, generator=g) * 4
+    c = x.shape[axis]
+    y = torch.randint(0, c, tuple(s for i, s in enumerate(x.shape) if i != axis % 3), generator=g)
+    y = y.to(getattr(torch, label_dtype))
+    for gamma in (2.0, 0.5):
+        v, grad = H.torch_value_and_grad(lambda z, gamma=gamma: ft.softmax_focal_loss(z, y, gamma=gamma, dim=axis,
+                                                                                    reduction="none"), x)
+        ref_v, ref_g = reference.softmax_focal_loss(x.double().numpy(), y.long().numpy(), axis=axis, gamma=gamma,
+                                                    reduction="none")
+        H.assert_close(v, ref_v, "float32", f"axis={axis} gamma={gamma} value")
+        H.assert_close(grad, _label_entry_exact(ref_g, y.long().numpy(), axis), "float32",
+                       f"axis={axis} gamma={gamma} gradient")
+    assert calls == ["softmax", "softmax"]
+
+
 PREC_X = np.float32(np.concatenate([np.linspace(-100, 100, 401), [15.0, 30.0, 60.0, 87.0, 88.5]]))
 
 
