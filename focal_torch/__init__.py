@@ -4,7 +4,6 @@ The semantics, defaults and error messages are those of :mod:`focal_spec`. The c
 as in ``F.cross_entropy`` ((N, C, ...)). Device and dtype follow the input.
 """
 
-from focal_torch._compiled import compiled_kernels_enabled, set_compiled_kernels
 from focal_torch._distributed import positive_normalizer
 from focal_torch._family import (
     AsymmetricLoss,
@@ -30,10 +29,8 @@ __all__ = [
     "VarifocalLoss",
     "asymmetric_loss",
     "class_balanced_weights",
-    "compiled_kernels_enabled",
     "positive_normalizer",
     "quality_focal_loss",
-    "set_compiled_kernels",
     "sigmoid_focal_loss",
     "softmax_focal_loss",
     "varifocal_loss",

@@ -45,12 +45,18 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+# torch.func has no public query for "is this tensor wrapped by a transform" or "is a transform active"; these two
+# reads of torch's functorch bindings are the library's only use of torch internals. They are exercised on every
+# torch release of the version matrix (.ci/versions.sh) by the torch.func tests.
+_functorch = torch._C._functorch
+
+
 def is_transformed(t: torch.Tensor) -> bool:
     """Whether ``t`` is wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``...), whose
     values cannot drive Python control flow."""
     if is_compiling():  # Dynamo cannot trace the check, and sees unwrapped tensors
         return False
-    return isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t)
 
 
 ACCELERATOR_PATHS = False
@@ -66,9 +72,14 @@ def is_host(t: torch.Tensor) -> bool:
 
 def has_tangent(t: Any) -> bool:
     """Whether ``t`` carries a forward-mode tangent (``torch.autograd.forward_ad``)."""
-    if is_compiling() or not isinstance(t, torch.Tensor) or torch.autograd.forward_ad._current_level < 0:
+    if is_compiling() or not isinstance(t, torch.Tensor):
         return False
     return torch.autograd.forward_ad.unpack_dual(t).tangent is not None
+
+
+def any_tangent(*ts: Any) -> bool:
+    """Whether any of ``ts`` carries a forward-mode tangent (:func:`has_tangent`)."""
+    return any(has_tangent(t) for t in ts)
 
 
 def is_differentiated(t: Any) -> bool:
@@ -80,7 +91,7 @@ def is_differentiated(t: Any) -> bool:
 def in_func_transform() -> bool:
     """Whether a ``torch.func`` transform is active: then even a plain tensor's ops give wrapped results,
     whose values cannot be read."""
-    return not is_compiling() and torch._C._functorch.maybe_current_level() is not None
+    return not is_compiling() and _functorch.maybe_current_level() is not None
 
 
 def can_read_values(t: torch.Tensor) -> bool:
@@ -141,23 +152,23 @@ def held_logits(ctx: Any, loss: str) -> torch.Tensor:
     return x
 
 
-def plain_apply(function: type[torch.autograd.Function]) -> Any:
-    """``function.apply`` without the Python layer of ``torch.autograd.Function.apply`` (its default-argument
-    binding and ``torch.func`` checks cost microseconds per call): for the plain calls, which run only outside
-    ``torch.func`` transforms."""
-    return super(torch.autograd.Function, function).apply  # the C implementation
+def keep(ctx: Any, grad: torch.Tensor) -> None:
+    """Keeps dℓ/dx, computed with the loss, on ``ctx`` for the backward (an attribute, not a saved tensor, so
+    that :func:`hand_over` can give it away)."""
+    ctx.kept = grad
 
 
-_graph_kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)
-
-
-def hand_over(kept: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether a backward may return ``kept`` (dℓ/dx of the reduced loss, computed with it) itself as the gradient
-    instead of ``kept * grad_out``: the cotangent is exactly 1 (``loss.backward()``) and read for free (host), ``kept``
-    is in the input's dtype, and the graph is freed after this backward (no ``retain_graph``/``create_graph``), so
-    that the saved reference goes and the caller owns the tensor."""
-    return (kept.dtype == dtype and grad_out.numel() == 1 and is_host(grad_out) and not _graph_kept()
-            and grad_out.item() == 1.0)
+def hand_over(ctx: Any, kept: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a backward returns ``kept`` (dℓ/dx of the reduced loss, computed with it; :func:`keep`) itself
+    as the gradient instead of ``kept * grad_out``: the cotangent is exactly 1 (``loss.backward()``) and read for
+    free (host), and ``kept`` is in the input's dtype. ``ctx`` then lets go of it, so that the caller owns the
+    tensor: a later backward through the same graph (``retain_graph=True``) finds no kept gradient and
+    recomputes it from the logits (held by a weak reference, :func:`held_logits`)."""
+    if (kept.dtype == dtype and grad_out.numel() == 1 and is_host(grad_out) and ctx.kept is kept
+            and grad_out.item() == 1.0):
+        ctx.kept = None
+        return True
+    return False
 
 
 def check_device(arg: str, value: Any, device: torch.device) -> None:

@@ -242,7 +242,7 @@ def _kernels_apply(kernels: _Kernels | None, x: torch.Tensor, *others: torch.Ten
     forward-mode AD, and a gradient (if any) for the logits only."""
     if kernels is None or not EAGER_KERNELS or C.is_compiling() or C.in_func_transform():
         return False
-    if torch.autograd.forward_ad._current_level >= 0 and (C.has_tangent(x) or any(map(C.has_tangent, others))):
+    if C.any_tangent(x, *others):
         return False
     return not C.is_transformed(x) and all(
         o is None or not (o.requires_grad or C.is_transformed(o)) for o in others)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import focal_spec
 from focal_torch import _common as C
-from focal_torch import _compiled, _distributed
+from focal_torch import _distributed
 
 # ----------------------------------------------------------------------------------------
 # Notation (focal_spec): t' = t(1-ε) + ε/2 the smoothed target, s = σ(x), s̄ = σ(-x),
@@ -137,7 +137,7 @@ def _ce_inplace(x, tp, s, sn, pw, o: _Opts, ws: _Buffers | None = None) -> torch
     l = log1p(e^-|x|) = -log1p(-min(s, s̄)), ce = (1-t') r + π t' r̄ + ((1-t') + π t') l. Every term is >= 0.
     (For small inputs the softplus form (1-t') sp + π t' sp̄, with fewer ops.)"""
     n = x.numel()
-    if not isinstance(n, torch.SymInt) and n <= _SOFTPLUS_MAX:  # traced for a compiled kernel: any size
+    if not isinstance(n, torch.SymInt) and n <= _SOFTPLUS_MAX:
         ce = F.softplus(torch.neg(x), 1.0, C.SOFTPLUS_THRESHOLD)  # sp̄
         if pw is not None:
             ce.mul_(pw)
@@ -182,7 +182,7 @@ def _piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, *, loss: bool = True, g
         if mq is not None:
             q = q.mul_(mq)  # q^γ
         if grad:
-            # q^γ dce/dx + γ q^(γ-1) ce dq/dx (γ a 0-d tensor in a compiled kernel: see _whole)
+            # q^γ dce/dx + γ q^(γ-1) ce dq/dx (γ may be a 0-d tensor)
             g = d_ce.mul_(q)
             g = g.add_(u.mul_(o.gamma)) if isinstance(o.gamma, torch.Tensor) else g.add_(u, alpha=o.gamma)
         if loss:
@@ -204,48 +204,11 @@ _BUFFERED = 1 << 15
 """Inputs above this many elements reuse temporaries across pieces (:class:`_Buffers`)."""
 
 
-def _whole(x, t, alpha, weight, pw, mask, eps, scale, coef, gamma, alpha_num, *, o: _Opts, loss: bool, grad: bool,
-           scale_grad: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """:func:`_piece` over the whole input, reduced: what the compiled kernels run. ``gamma`` and ``alpha_num`` are
-    the numbers of ``o``: γ a 0-d tensor where it is not a small whole number (so that a new value needs no new
-    kernel), α a number (a constant of the kernel). ``scale_grad``: dℓ/dx of the mean (times ``scale``)."""
-    o = o._replace(gamma=gamma, alpha=alpha_num)
-    lp, gp = _piece(x, t, alpha, weight, pw, mask, eps, o, loss=loss, grad=grad)
-    if lp is not None and o.reduction != "none":
-        lp = lp.sum(dtype=torch.float64)  # inductor's float32 sums lose ~20 ulps over 2^20 elements
-        if o.reduction == "mean":
-            lp = lp * scale
-    if lp is not None and lp.dtype != x.dtype:
-        lp = lp.to(x.dtype)
-    if gp is not None and coef is not None:
-        gp = gp * coef
-    if gp is not None and scale_grad:
-        gp = gp * scale
-    return lp, gp
-
-
-@functools.lru_cache(maxsize=256)
-def _static(o: _Opts) -> _Opts:
-    """``o`` with the numbers that are arguments of the compiled kernels replaced by what selects the code: γ's
-    kind (0, a small whole number, any other), α's presence."""
-    kind = o.gamma if (o.gamma == 0.0 or o.gamma_int is not None) else -1.0
-    return o._replace(gamma=kind, alpha=None if o.alpha is None else -1.0)
-
-
 def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, grad: bool, coef: Any = None,
            scale_grad: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The eager kernels over the pieces of :func:`C.chunked` (or, for a large input, compiled over the whole
-    of it): (loss after reduction, dℓ/dx [times ``coef``; times the mean's ``scale`` with ``scale_grad``])."""
+    """The eager kernels over the pieces of :func:`C.chunked`: (loss after reduction, dℓ/dx [times ``coef``;
+    times the mean's ``scale`` with ``scale_grad``])."""
     n = x.numel()
-    if _compiled.applies(x):
-        gamma = o.gamma if o.gamma_int is not None else torch.full((), o.gamma, dtype=o.cdtype, device=x.device)
-        sc = None  # read for a mean only: an argument (a new batch size needs no new kernel), not a constant
-        if (loss or scale_grad) and o.reduction == "mean":
-            sc = scale if isinstance(scale, torch.Tensor) else _compiled.scalar(scale, x.device)
-        out = _compiled.run("sigmoid", _whole, x, t, alpha, weight, pw, mask, eps, sc, coef, gamma, o.alpha,
-                            o=_static(o), loss=loss, grad=grad, scale_grad=scale_grad)
-        if out is not None:
-            return out
     ws = _Buffers(x, o.cdtype) if n > _BUFFERED else None
     fmt = torch.contiguous_format if x.is_contiguous() else torch.preserve_format
     per_element = o.reduction == "none" and isinstance(coef, torch.Tensor)
@@ -563,15 +526,16 @@ def _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad_
     ctx.has_grad_x = grad_x is not None
     if ctx.has_grad_x:  # dℓ/dx takes the logits' place (a double backward finds them by a weak reference)
         C.hold_logits(ctx, x)
-        ctx.save_for_backward(None, *saved[1:], grad_x)
+        C.keep(ctx, grad_x)
+        ctx.save_for_backward(None, *saved[1:])
     else:
-        ctx.save_for_backward(*saved, grad_x)
+        ctx.save_for_backward(*saved)
     if not o.eager:  # a plain eager call runs outside forward-mode AD
         ctx.save_for_forward(*saved)
 
 
 def _unpack(ctx):
-    x, t, alpha, weight, pw, gamma, mask, scale, eps = ctx.saved_tensors[:9]
+    x, t, alpha, weight, pw, gamma, mask, scale, eps = ctx.saved_tensors
     if x is None:
         x = C.held_logits(ctx, "sigmoid_focal_loss")
     if ctx.scale_value is not None:
@@ -583,12 +547,12 @@ def _unpack(ctx):
 
 def _backward(ctx, grad_out):
     o: _Opts = ctx.o
-    if ctx.has_grad_x and not torch.is_grad_enabled():  # dℓ/dx came with the loss: one multiplication
-        g = ctx.saved_tensors[9]
+    g = ctx.kept if ctx.has_grad_x and not torch.is_grad_enabled() else None
+    if g is not None:  # dℓ/dx came with the loss: one multiplication
         with C.no_autocast(g.device, o.eager):
-            coef = grad_out if grad_out.dtype == g.dtype else grad_out.to(g.dtype)
-            if o.reduction != "none" and C.hand_over(g, grad_out, ctx.x_dtype):  # loss.backward()
+            if o.reduction != "none" and C.hand_over(ctx, g, grad_out, ctx.x_dtype):  # loss.backward()
                 return (g, *(None,) * 9)
+            coef = grad_out if grad_out.dtype == g.dtype else grad_out.to(g.dtype)
             g = g * coef  # (the mean's scale is in g already)
             return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype), *(None,) * 9)
     x, t, alpha, weight, pw, gamma, mask, scale, eps = _unpack(ctx)
@@ -656,7 +620,7 @@ class _SigmoidFocal(torch.autograd.Function):
     jvp = staticmethod(_jvp)
 
 
-_apply_plain = C.plain_apply(_SigmoidFocal)
+_apply_plain = _SigmoidFocal.apply
 
 
 class _SigmoidFocalCompiled(torch.autograd.Function):
@@ -724,8 +688,7 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, alpha: An
     if (type(gamma) not in _NUMBER or not (alpha is None or type(alpha) in _NUMBER)
             or type(label_smoothing) not in _NUMBER or type(reduction) is not str or target.requires_grad
             or torch.compiler.is_compiling()
-            or torch._C._functorch.maybe_current_level() is not None
-            or torch.autograd.forward_ad._current_level >= 0):
+            or C.in_func_transform() or C.any_tangent(input, target)):
         return None
     dev = input.device
     if dev.type not in ("cpu", "cuda") or torch.is_autocast_enabled(dev.type):
@@ -813,10 +776,9 @@ def sigmoid_focal_loss(
     cancellation, so that values and gradients keep float32's relative precision at any logit
     (``softplus(x) - t x`` would lose it for confident predictions). The derivatives have closed
     forms: computed with the loss and kept for inputs of at most :data:`FUSE_MAX` elements (one array of
-    the input's size), recomputed from the saved inputs above it. Inputs of at least
-    ``focal_torch._compiled.COMPILE_MIN`` elements (smaller ones after ``focal_torch._compiled.WARM_CALLS`` calls
-    of the same shape structure and options) run the same kernel compiled by inductor (see
-    :func:`focal_torch.set_compiled_kernels`). The derivatives are themselves differentiable (double
+    the input's size), recomputed from the saved inputs above it. Every kernel is a sequence of ATen
+    operations, run piece by piece (pieces that stay in cache) in place; nothing is compiled behind the
+    call. The derivatives are themselves differentiable (double
     backward, Hessians; where dℓ/dx was kept in place of the logits, a double backward needs the logits still
     alive and unmodified: they are held by a weak reference, not saved), and ``torch.func`` (``grad``,
     ``vmap``, ``jacrev``, ``jacfwd``, ``hessian``), forward-mode AD and ``torch.compile(fullgraph=True)`` apply.

@@ -11,7 +11,7 @@ import torch
 
 import focal_spec
 from focal_torch import _common as C
-from focal_torch import _compiled, _distributed
+from focal_torch import _distributed
 
 
 class _Opts(NamedTuple):
@@ -30,11 +30,6 @@ def _no_autocast(device: torch.device) -> Any:
     return C.no_autocast(device)
 
 
-def _forward_ad_active() -> bool:
-    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (dual tensors may be about)."""
-    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
-
-
 # ----------------------------------------------------------------------------------------
 # Per-position terms of the integer-label loss. With lp = log p_y and u = 1 - p_y (both
 # accurate), ℓ = -m lp with m = u^γ, and dℓ/dx_k = κ (δ_ky - p_k) with κ = m (γ p ρ - 1),
@@ -43,8 +38,7 @@ def _forward_ad_active() -> bool:
 
 
 def _modulator(u: torch.Tensor, o: _Opts, gamma: Any = None) -> torch.Tensor | float:
-    """(1-p)^γ. ``o`` selects the code (γ zero, whole, other); ``gamma``, where given, is γ's value (a tensor in a
-    compiled kernel, so that a new value needs no new kernel)."""
+    """(1-p)^γ. ``o`` selects the code (γ zero, whole, other); ``gamma``, where given, is γ's value."""
     if o.gamma == 0.0:
         return 1.0
     if o.gamma_int is not None:
@@ -122,7 +116,7 @@ class _IndexFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ys, yk, weight, scale, o: _Opts, all_counted: bool):  # type: ignore[override]
         d = o.dim
-        if all_counted and ctx.needs_input_grad[0] and (x.numel() <= FUSE_MAX or _compiled.applies(x)):
+        if all_counted and ctx.needs_input_grad[0] and x.numel() <= FUSE_MAX:
             return _fused_forward(ctx, x, ys, yk, weight, scale, o)
         ctx.grad_x = False
         with _no_autocast(x.device):
@@ -158,13 +152,18 @@ class _IndexFocal(torch.autograd.Function):
         scale = scale_t if ctx.scale_is_tensor else ctx.scale
         if torch.is_grad_enabled():
             return _index_double_backward(ctx, grad_out, ys, weight, scale), *none
-        if ctx.grad_x:  # lp holds dℓ/dx, computed with the loss: one multiplication
-            go = grad_out if grad_out.dtype == lp.dtype else grad_out.to(lp.dtype)
+        if ctx.grad_x:  # dℓ/dx, computed with the loss: one multiplication
+            kept = ctx.kept
+            if kept is None:  # handed over to an earlier backward of a retained graph: recomputed
+                x = C.held_logits(ctx, "softmax_focal_loss")
+                with _no_autocast(x.device):
+                    kept = _fused(x, ys.unsqueeze(d), weight, scale, o.gamma, o=o)[1]
+            go = grad_out if grad_out.dtype == kept.dtype else grad_out.to(kept.dtype)
             if o.reduction == "none":
                 go = go.unsqueeze(d)
-            elif C.hand_over(lp, go, ctx.x_dtype):  # loss.backward(): lp is the gradient (the mean's 1/n in it)
-                return lp, *none
-            g = lp * go
+            elif C.hand_over(ctx, kept, go, ctx.x_dtype):  # loss.backward(): the gradient (the mean's 1/n in it)
+                return kept, *none
+            g = kept * go
             return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype)), *none
         with _no_autocast(lp.device):
             yk = ys.unsqueeze(d)
@@ -193,7 +192,7 @@ class _IndexFocal(torch.autograd.Function):
             return grad.to(ctx.x_dtype), *none
 
 
-_apply_plain = C.plain_apply(_IndexFocal)
+_apply_plain = _IndexFocal.apply
 
 
 FUSE_MAX = 1 << 16
@@ -201,34 +200,18 @@ FUSE_MAX = 1 << 16
 keep it (in place of the log-probabilities, the same size) for a backward of one multiplication."""
 
 
-def _fused(x, yk, weight, scale, gamma, *, o: _Opts, wide_sum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss after reduction in ``x``'s dtype, dℓ/dx of the reduced loss) in one pass. With p = softmax(x):
+def _fused(x, yk, weight, scale, gamma, *, o: _Opts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss after reduction in ``x``'s dtype, dℓ/dx of the reduced loss) together. With p = softmax(x):
     1 - p_y = Σ_{k≠y} p_k, a sum of non-negative terms, accurate at every margin; log p_y is log1p(-(1 - p_y))
     where p_y > 1/2 (where the log-softmax has lost the digits of 1 - p_y) and the log-softmax's elsewhere;
-    dℓ/dx_k = κ (δ_ky - p_k), with the label's entry κ (1 - p_y). Eager, or compiled into one kernel
-    (:mod:`focal_torch._compiled`, ``wide_sum``: the softmax's sums formed in fewer passes, the loss summed in
-    float64, as inductor's float32 sums lose digits), which passes a fractional γ as a tensor (so that a new value
-    needs no new kernel). ``o`` selects the code; ``gamma`` is γ's value."""
+    dℓ/dx_k = κ (δ_ky - p_k), with the label's entry κ (1 - p_y). ``o`` selects the code; ``gamma`` is γ's
+    value."""
     d = o.dim
     xc = x if x.dtype == o.cdtype else x.to(o.cdtype)
-    if wide_sum:
-        # Compiled: three passes over the logits. The max; S = Σ e_k and Σ_{k≠y} e_k = (1 - p_y) S together
-        # (e_k = exp(x_k - max)); dℓ/dx. A comparison with the class index fuses where a scatter would not; the
-        # labels are expanded to the positions' sizes (so that the trace assumes no more than their equality).
-        yk = yk.expand(*xc.shape[:d], 1, *xc.shape[d + 1:])
-        is_y = _class_view(torch.arange(xc.shape[d], device=xc.device), xc.dim(), d) == yk
-        z = xc - xc.amax(d, keepdim=True)
-        e = torch.exp(z)
-        total = e.sum(d, keepdim=True)
-        u = torch.where(is_y, 0.0, e).sum(d, keepdim=True) / total  # 1 - p_y
-        lpy = z.gather(d, yk) - torch.log(total)
-        pz = torch.where(is_y, 0.0, e / total)  # p with the label's entry cleared
-    else:
-        lp = torch.log_softmax(xc, d)
-        lpy = lp.gather(d, yk)
-        is_y = None
-        pz = torch.exp(lp).scatter_(d, yk, 0.0)  # p with the label's entry cleared
-        u = pz.sum(d, keepdim=True)  # 1 - p_y
+    lp = torch.log_softmax(xc, d)
+    lpy = lp.gather(d, yk)
+    pz = torch.exp(lp).scatter_(d, yk, 0.0)  # p with the label's entry cleared
+    u = pz.sum(d, keepdim=True)  # 1 - p_y
     lpy = torch.where(lpy > -C.LN2, torch.log1p(torch.neg(u)), lpy)
     loss = (_modulator(u, o, gamma) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
     kappa = _kappa(lpy, u, o, gamma)
@@ -240,13 +223,10 @@ def _fused(x, yk, weight, scale, gamma, *, o: _Opts, wide_sum: bool = False) -> 
         kappa = kappa * scale
     if not isinstance(kappa, torch.Tensor):
         kappa = torch.full_like(u, kappa)
-    if is_y is None:
-        grad = pz.mul_(kappa.neg()).scatter_(d, yk, kappa * u)
-    else:
-        grad = torch.where(is_y, kappa * u, pz * kappa.neg())
+    grad = pz.mul_(kappa.neg()).scatter_(d, yk, kappa * u)
     loss = loss.squeeze(d)
     if o.reduction != "none":
-        loss = loss.sum(dtype=torch.float64) if wide_sum else loss.sum()
+        loss = loss.sum()
         if o.reduction == "mean":
             loss = loss * scale
     return (loss if loss.dtype == x.dtype else loss.to(x.dtype)), grad
@@ -255,16 +235,7 @@ def _fused(x, yk, weight, scale, gamma, *, o: _Opts, wide_sum: bool = False) -> 
 def _fused_forward(ctx, x, ys, yk, weight, scale, o: _Opts) -> torch.Tensor:
     """:func:`_fused`, with dℓ/dx kept for the backward."""
     with _no_autocast(x.device):
-        out = None
-        if _compiled.applies(x):
-            whole = o.gamma == 0.0 or o.gamma_int is not None
-            gamma = o.gamma if whole else torch.full((), o.gamma, dtype=o.cdtype, device=x.device)
-            sc = None  # read for a mean only: an argument (a new batch size needs no new kernel), not a constant
-            if o.reduction == "mean":
-                sc = scale if isinstance(scale, torch.Tensor) else _compiled.scalar(scale, x.device)
-            out = _compiled.run("softmax", _fused, x, yk, weight, sc, gamma,
-                                o=o if whole else o._replace(gamma=-1.0), wide_sum=True)
-        loss, grad = _fused(x, yk, weight, scale, o.gamma, o=o) if out is None else out
+        loss, grad = _fused(x, yk, weight, scale, o.gamma, o=o)
         ctx.grad_x, ctx.mask_rows = True, False
         return _keep_and_reduce(ctx, x, grad, ys, weight, scale, o, True, loss, reduced=True)
 
@@ -277,6 +248,9 @@ def _keep_and_reduce(ctx, x, kept, ys, weight, scale, o: _Opts, all_counted: boo
     ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
     ctx.scale = None if ctx.scale_is_tensor else scale
     C.hold_logits(ctx, x)
+    if ctx.grad_x:  # dℓ/dx, handed over by a backward that may (C.keep)
+        C.keep(ctx, kept)
+        kept = None
     ctx.save_for_backward(kept, ys, weight, scale if ctx.scale_is_tensor else None)
     if reduced or o.reduction == "none":
         return loss if loss.dtype == x.dtype else loss.to(x.dtype)
@@ -508,14 +482,11 @@ def softmax_focal_loss(
     ``F.cross_entropy`` saves it, and nothing larger), and since
     :math:`\partial\ell_i/\partial x_k = \kappa_i(\delta_{k y_i} - p_k)` with one scalar
     :math:`\kappa_i` per position, the backward is torch's log-softmax backward applied to a one-hot of
-    :math:`\kappa_i`. Inputs with every position counted run the forward and that gradient together in one
-    kernel compiled by inductor (from ``focal_torch._compiled.COMPILE_MIN`` elements on the first call, smaller
-    ones after ``focal_torch._compiled.WARM_CALLS`` calls; see :func:`focal_torch.set_compiled_kernels`), which
-    keeps the gradient (the log-softmax's size) for a backward
-    of one multiplication. Where :math:`p_y > 1/2`, :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k`
-    rather than taken as :math:`1 - p_y`, so value and gradient keep full relative precision however
-    dominant the class. Everything else (probabilities, smoothing, tensor ``gamma``, gradients for
-    ``target``, ``weight`` or ``gamma``, ``torch.compile``, ``torch.func`` transforms, forward-mode
+    :math:`\kappa_i`. Small inputs with every position counted compute that gradient with the loss and keep
+    it (the log-softmax's size) for a backward of one multiplication. Where :math:`p_y > 1/2`,
+    :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k` rather than taken as :math:`1 - p_y`, so value
+    and gradient keep full relative precision however dominant the class. Everything else (probabilities,
+    smoothing, tensor ``gamma``, gradients for ``target``, ``weight`` or ``gamma``, ``torch.compile``, ``torch.func`` transforms, forward-mode
     AD, the meta device, double backward) uses a formula of plain differentiable ops, with
     :math:`1-p_c = \sum_{k\ne c} e^{x_k} / \sum_k e^{x_k}` (the arg-max class's sum taken without
     it), accurate with finite derivatives of every order. Double backward through the kernels needs the
@@ -617,8 +588,8 @@ def softmax_focal_loss(
     transformed = C.in_func_transform()
     eager = not transformed and not C.is_compiling()
     checkable = eager and dev.type != "meta" and target.device.type != "meta"  # C.can_check_values
-    smooth = (not checkable or _forward_ad_active() or _wants_grad(target) or _wants_grad(weight_t)
-              or _wants_grad(gamma_t) or _wants_grad(eps))
+    smooth = (not checkable or C.any_tangent(input, target, weight_t, gamma_t, eps) or _wants_grad(target)
+              or _wants_grad(weight_t) or _wants_grad(gamma_t) or _wants_grad(eps))
 
     if o.label_kind != "index":
         p = _Plain(labels=None, probs=target, weight=weight_t, gamma=gamma_t, eps=eps, valid=mask, bad=None,
@@ -689,7 +660,7 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, ignore_in
     per static facts and cached. None: the general path applies (and gives every error)."""
     if (type(gamma) not in (int, float) or type(label_smoothing) not in (int, float) or type(ignore_index) is not int
             or type(dim) is not int or type(reduction) is not str or torch.compiler.is_compiling()
-            or torch._C._functorch.maybe_current_level() is not None or _forward_ad_active()):
+            or C.in_func_transform() or C.any_tangent(input, target)):
         return None
     dev = input.device
     if dev.type not in ("cpu", "cuda") or target.device != dev or torch.is_autocast_enabled(dev.type):

@@ -9,8 +9,7 @@ import pytest
 import focal_spec
 
 # nn.Module wrappers of the functionals
-TORCH_ONLY = {"SigmoidFocalLoss", "SoftmaxFocalLoss", "AsymmetricLoss", "QualityFocalLoss", "VarifocalLoss",
-              "set_compiled_kernels", "compiled_kernels_enabled"}  # JAX compiles every call (jit) already
+TORCH_ONLY = {"SigmoidFocalLoss", "SoftmaxFocalLoss", "AsymmetricLoss", "QualityFocalLoss", "VarifocalLoss"}
 # Per-ecosystem names for the same thing: the class axis and the multi-device handle, and torch's
 # (input, target) positional names.
 RENAMED = {"axis": "dim", "axis_name": "process_group", "logits": "input", "targets": "target", "labels": "target"}

@@ -193,7 +193,7 @@ def _large(loss: str, gamma: float, reduction: str) -> tuple[H.Inputs, H.Expecte
 @pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_whole_gamma_large_input(backend, loss, gamma, reduction):
-    """2^20 logits: torch runs its compiled kernels here (the chunked eager pieces are tested with CHUNK lowered)."""
+    """2^20 logits: torch runs its chunked eager kernels over many pieces here."""
     inp, exp = _large(loss, gamma, reduction)
     v, g = H.RUNNERS[backend](loss, inp)
     exp.check(v, g, "float32", backend)

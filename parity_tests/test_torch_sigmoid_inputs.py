@@ -122,22 +122,16 @@ def _terms_scale(x, t, gamma, pos_weight=None):
 
 
 def _paths():
-    # eager: small inputs (loss and gradient in one pass); eager-pieces: the chunked kernels of large inputs with
-    # the compiled kernels off; compiled: the compiled kernel (focal_torch._compiled) of the same code
-    return ["eager", "eager-pieces", "compiled", "tensor-gamma", "accelerator"]
+    # eager: small inputs (loss and gradient in one pass); eager-pieces: the chunked kernels of large inputs
+    return ["eager", "eager-pieces", "tensor-gamma", "accelerator"]
 
 
 def _run_path(path, monkeypatch, x, t, gamma, **kw):
     ft = _ft()
-    from focal_torch import _common, _compiled
+    from focal_torch import _common
 
     if path == "accelerator":
         monkeypatch.setattr(_common, "ACCELERATOR_PATHS", True)
-    if path == "eager-pieces":
-        monkeypatch.setattr(_compiled, "_enabled", False)
-    if path == "compiled":
-        monkeypatch.setattr(_compiled, "COMPILE_MIN", 0)
-        monkeypatch.setattr(_compiled, "_enabled", True)
     g = torch.tensor(gamma, requires_grad=True) if path == "tensor-gamma" else gamma
     if path == "eager-pieces":  # 48 copies: more than one piece, and pieces past the serial size
         monkeypatch.setattr(_common, "CHUNK", 1 << 14)

@@ -264,7 +264,10 @@ def _saved_bytes(fn, *args) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
+        out = fn(*args)
+    kept = getattr(out.grad_fn, "kept", None)  # dℓ/dx kept on the node for the backward (focal_torch._common.keep)
+    if isinstance(kept, torch.Tensor):
+        pack(kept)
     return sum(seen.values())
 
 
