@@ -275,10 +275,10 @@ def check_where_dtype(dtype: Any) -> None:
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     if len(shape) > len(target):
         return False
-    for s, t in zip(reversed(shape), reversed(target), strict=False):
-        if s != 1 and s != t:
-            return False
-    return True
+    offset = len(target) - len(shape)
+    # indices, not zip(..., strict=False): torch.compile traces this, and Dynamo before torch 2.5 reads any
+    # ``strict`` argument of zip as strict=True
+    return all(shape[i] == 1 or shape[i] == target[offset + i] for i in range(len(shape)))
 
 
 def check_broadcast(arg: str, shape: tuple[int, ...], logits_shape: tuple[int, ...],

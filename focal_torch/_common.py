@@ -229,6 +229,8 @@ def as_tensor(value: Any, *, dtype: torch.dtype | None, device: torch.device) ->
 def shape_of(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
+    if isinstance(value, torch.Tensor):  # first: Dynamo before torch 2.5 cannot trace hasattr on a tensor
+        return tuple(value.shape)
     if hasattr(value, "shape"):
         return tuple(value.shape)
     return tuple(torch.as_tensor(value).shape)

@@ -106,9 +106,8 @@ class _IndexFocal(torch.autograd.Function):
     """Integer labels, no smoothing, a known γ, gradient for the logits only.
 
     Forward: lp = log_softmax(x) (saved, as ``F.cross_entropy`` saves it), with log p_y made accurate
-    in place; the loss needs only lp_y. Backward: g = one-hot(κ·grad), and torch's log-softmax
-    backward gives g - p·Σg = κ (δ_ky - p_k); the label's entry is then rewritten as κ·(1 - p_y) from
-    the accurate 1 - p_y. Saved: lp and the labels (-1 where a position is not counted), no more than
+    in place; the loss needs only lp_y. Backward: -κ·p_k = -κ·exp(lp_k) off the label, and κ·(1 - p_y)
+    at it, from the accurate 1 - p_y. Saved: lp and the labels (-1 where a position is not counted), no more than
     ``F.cross_entropy`` keeps. Double backward runs the smooth formula on the logits, which are held
     by a weak reference (they are alive wherever a double backward is asked for).
     """
@@ -184,9 +183,8 @@ class _IndexFocal(torch.autograd.Function):
             counted = None if ctx.all_counted else (ys >= 0).unsqueeze(d)
             if counted is not None:
                 g = torch.where(counted, g, 0.0)
-            onehot = torch.zeros_like(lp).scatter_(d, yk, g)
-            grad = torch._log_softmax_backward_data(onehot, lp, d, o.cdtype)
-            grad.scatter_(d, yk, g * u)  # κ (1 - p_y) with the accurate 1 - p_y
+            grad = torch.exp(lp).mul_(g.neg())  # κ (δ_ky - p_k) off the label: -κ p_k
+            grad.scatter_(d, yk, g * u)  # at the label κ (1 - p_y), with the accurate 1 - p_y
             if ctx.mask_rows:
                 grad = torch.where(counted, grad, 0.0)
             return grad.to(ctx.x_dtype), *none
@@ -477,20 +475,19 @@ def softmax_focal_loss(
     For class indices without smoothing this is :math:`-w_y (1-p_y)^{\gamma} \log p_y`. With
     ``gamma=0`` every option combination equals ``F.cross_entropy``, in value and gradient.
 
-    How it is computed. For integer labels, no smoothing, a known ``gamma`` and a gradient wanted for
-    ``input`` only, in eager mode: the forward is ``torch.log_softmax`` (its output is saved, as
-    ``F.cross_entropy`` saves it, and nothing larger), and since
-    :math:`\partial\ell_i/\partial x_k = \kappa_i(\delta_{k y_i} - p_k)` with one scalar
-    :math:`\kappa_i` per position, the backward is torch's log-softmax backward applied to a one-hot of
-    :math:`\kappa_i`. Small inputs with every position counted compute that gradient with the loss and keep
-    it (the log-softmax's size) for a backward of one multiplication. Where :math:`p_y > 1/2`,
-    :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k` rather than taken as :math:`1 - p_y`, so value
-    and gradient keep full relative precision however dominant the class. Everything else (probabilities,
-    smoothing, tensor ``gamma``, gradients for ``target``, ``weight`` or ``gamma``, ``torch.compile``, ``torch.func`` transforms, forward-mode
-    AD, the meta device, double backward) uses a formula of plain differentiable ops, with
-    :math:`1-p_c = \sum_{k\ne c} e^{x_k} / \sum_k e^{x_k}` (the arg-max class's sum taken without
-    it), accurate with finite derivatives of every order. Double backward through the kernels needs the
-    logits still alive (they are held by a weak reference, not saved); ``torch.func`` transforms always
+    How it is computed. For integer labels, no smoothing, a known ``gamma`` and a gradient wanted for ``input``
+    only, in eager mode: the forward is ``torch.log_softmax`` (its output is saved, as ``F.cross_entropy`` saves it,
+    and nothing larger), and since :math:`\partial\ell_i/\partial x_k = \kappa_i(\delta_{k y_i} - p_k)` with one
+    scalar :math:`\kappa_i` per position, the backward is :math:`-\kappa_i e^{\log p_k}` off the label and
+    :math:`\kappa_i (1 - p_y)` at it: one pass over the saved log-probabilities. Small inputs with every position
+    counted compute that gradient with the loss and keep it (the log-softmax's size) for a backward of one
+    multiplication. Where :math:`p_y > 1/2`, :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k` rather than taken
+    as :math:`1 - p_y`, so value and gradient keep full relative precision however dominant the class. Everything
+    else (probabilities, smoothing, tensor ``gamma``, gradients for ``target``, ``weight`` or ``gamma``,
+    ``torch.compile``, ``torch.func`` transforms, forward-mode AD, the meta device, double backward) uses a formula
+    of plain differentiable ops, with :math:`1-p_c = \sum_{k\ne c} e^{x_k} / \sum_k e^{x_k}` (the arg-max class's
+    sum taken without it), accurate with finite derivatives of every order. Double backward through the kernels
+    needs the logits still alive (they are held by a weak reference, not saved); ``torch.func`` transforms always
     work.
 
     Args:
