@@ -8,6 +8,15 @@ gradients must equal those of the same model trained in one process on the whole
 the global batch, and none). All runs happen in one spawn (a module fixture); the tests below only read
 its results.
 
+The focal family (``asymmetric_loss``, ``quality_focal_loss``, ``varifocal_loss``), ``normalized=True``
+and the softmax are also run on ranks of unequal sizes (3 and 7 rows, unequal masks and ignored labels),
+without DDP: each rank's returned value and its gradient with respect to its own logits are compared with
+one process over the concatenated batch. With ``reduction="mean"`` the mean over ranks of the returned
+values is the global mean, and each rank's gradient over the world size (DDP's average) is the global
+mean's gradient of its rows; ``normalized=True`` with ``"sum"`` sums to the global value, each rank's
+gradient being the global one. A local count in place of the all-reduced one, or a world size left out,
+moves both by about a factor 2. These run in float64, held to float64's rtol.
+
 Teardown is ordered so that no rank can abort at exit: the ranks rendezvous through a file store (no TCP
 port to pick, race for or reuse), every DDP wrapper (which holds the process group through its reducer)
 is released and collected inside the run, a barrier makes sure that every rank has finished every
@@ -100,7 +109,67 @@ def _run_cases(rank: int) -> dict:
             results[f"{case}-{use_group}"] = ([p.grad.clone() for p in model.parameters()], value / WORLD,
                                               None if norm is None else norm.clone())
             del ddp, model, loss
+    start = sum(FAMILY_ROWS[:rank])
+    part = {k: (v if k == "weight" else v[start:start + FAMILY_ROWS[rank]]) for k, v in _family_data().items()}
+    results["family"] = {case: _family_value_and_grad(case, part, dist.group.WORLD) for case in FAMILY_CASES}
     return results
+
+
+FAMILY_ROWS = (3, 7)  # rows per rank: unequal
+FAMILY_CASES = {
+    # name: (loss, options, reduction: "mean" (the returned values are averaged) or "sum" (summed))
+    "asymmetric-where": ("asymmetric", dict(where=True, gamma_neg=4.0, clip=0.05), "mean"),
+    "asymmetric-weight-smoothing": ("asymmetric", dict(weight=True, label_smoothing=0.1), "mean"),
+    "quality-focal-where": ("quality_focal", dict(where=True, beta=2.0), "mean"),
+    "quality-focal": ("quality_focal", dict(beta=1.5), "mean"),
+    "varifocal-where-weight": ("varifocal", dict(where=True, weight=True), "mean"),
+    "varifocal": ("varifocal", dict(), "mean"),
+    "sigmoid-normalized-mean": ("sigmoid", dict(where=True, normalized=True, gamma=1.5), "mean"),
+    "sigmoid-normalized-sum": ("sigmoid", dict(where=True, normalized=True, gamma=2.0), "sum"),
+    "sigmoid-where": ("sigmoid", dict(where=True, gamma=2.0, alpha=0.25), "mean"),
+    "softmax-ignore-weight": ("softmax", dict(weight=True, gamma=2.0), "mean"),
+}
+
+
+def _family_data() -> dict[str, torch.Tensor]:
+    """The global batch of the unequal ranks: rank 0 (rows 0-2) masks or ignores little, rank 1 (rows 3-9)
+    much."""
+    g = torch.Generator().manual_seed(3)
+    n = sum(FAMILY_ROWS)
+    logits = torch.randn(n, 4, generator=g, dtype=torch.float64) * 3
+    hard = (torch.rand(n, 4, generator=g) < 0.3).double()
+    score = torch.where(hard > 0, torch.rand(n, 4, generator=g, dtype=torch.float64), 0.0)  # IoU-like
+    labels = torch.randint(0, 4, (n,), generator=g)
+    labels[[1, 3, 4, 6, 8]] = -100
+    mask = torch.ones(n, 4, dtype=torch.bool)
+    mask[0, 0] = False
+    mask[3:9, 1:] = False
+    return {"logits": logits, "hard": hard, "score": score, "labels": labels, "mask": mask,
+            "weight": torch.tensor([0.5, 2.0, 1.0, 1.5], dtype=torch.float64)}
+
+
+def _family_value_and_grad(case: str, d: dict, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of ``case`` on ``d`` and its gradient with respect to ``d``'s logits."""
+    import focal_torch
+
+    loss, opts, reduction = FAMILY_CASES[case]
+    kw = {k: v for k, v in opts.items() if k not in ("where", "weight")}
+    kw["reduction"] = reduction
+    if opts.get("weight"):
+        kw["weight"] = d["weight"]
+    x = d["logits"].clone().requires_grad_()
+    if loss == "softmax":
+        out = focal_torch.softmax_focal_loss(x, d["labels"], process_group=group, **kw)
+    else:
+        target = d["score"] if loss in ("quality_focal", "varifocal") else d["hard"]
+        if opts.get("where"):
+            kw["where"] = d["mask"]
+            target = torch.where(d["mask"], target, float("nan"))  # masked targets are never read
+        fn = {"asymmetric": focal_torch.asymmetric_loss, "quality_focal": focal_torch.quality_focal_loss,
+              "varifocal": focal_torch.varifocal_loss, "sigmoid": focal_torch.sigmoid_focal_loss}[loss]
+        out = fn(x, target, process_group=group, **kw)
+    out.backward()
+    return out.detach(), x.grad
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:
@@ -182,3 +251,31 @@ def test_without_process_group_the_gradients_differ(runs, case):
     ranks, single = runs
     diff = np.abs(_grads(ranks[0][f"{case}-False"][0]) - _grads(single[case][0])).max()
     assert diff > 1e-3, diff
+
+
+@pytest.fixture(scope="module")
+def family_runs(runs):
+    """Each rank's (value, gradient) per family case, and the single process's over the concatenated batch."""
+    ranks, _ = runs
+    whole = {case: _family_value_and_grad(case, _family_data(), None) for case in FAMILY_CASES}
+    return [r["family"] for r in ranks], whole
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_unequal_ranks_returned_values_combine_to_the_global_value(family_runs, case):
+    ranks, whole = family_runs
+    values = [float(ranks[r][case][0]) for r in range(WORLD)]
+    combined = sum(values) / (WORLD if FAMILY_CASES[case][2] == "mean" else 1)
+    H.assert_close(combined, float(whole[case][0]), "float64", f"{case} value")
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_unequal_ranks_gradient_is_the_global_gradient_of_their_rows(family_runs, case):
+    ranks, whole = family_runs
+    averaged = FAMILY_CASES[case][2] == "mean"  # DDP divides the summed gradients by the world size
+    for r in range(WORLD):
+        start = sum(FAMILY_ROWS[:r])
+        expected = whole[case][1][start:start + FAMILY_ROWS[r]]
+        assert torch.count_nonzero(expected) > 0
+        H.assert_close(ranks[r][case][1].numpy() / (WORLD if averaged else 1), expected.numpy(), "float64",
+                       f"{case} rank {r} gradient")
