@@ -226,6 +226,14 @@ def as_tensor(value: Any, *, dtype: torch.dtype | None, device: torch.device) ->
     return torch.as_tensor(value, dtype=dtype, device=device)
 
 
+_NO_MIN_MAX = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+
+
+def min_max_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t``, widened to int64 where torch has no min/max reduction for its dtype (the wide unsigned ones)."""
+    return t.long() if t.dtype in _NO_MIN_MAX else t
+
+
 def shape_of(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None

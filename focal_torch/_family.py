@@ -296,7 +296,7 @@ class _FamilyKernel(torch.autograd.Function):
 
 def _in_unit_range(t: torch.Tensor) -> torch.Tensor:
     """0-d bool: every element in [0, 1] (False for NaN), from one min/max reduction."""
-    lo, hi = torch.aminmax(t.detach())
+    lo, hi = torch.aminmax(C.min_max_ready(t.detach()))
     return (lo >= 0) & (hi <= 1)
 
 

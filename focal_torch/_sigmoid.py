@@ -657,7 +657,8 @@ class _SigmoidFocalFunc(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------
 
 
-_options_cached = functools.lru_cache(maxsize=512)(focal_spec.sigmoid_options)
+# typed: True and 1 (or 0.0 and False) are equal keys of an untyped cache, and only one of them is a valid γ
+_options_cached = functools.lru_cache(maxsize=512, typed=True)(focal_spec.sigmoid_options)
 
 
 def _hashable(v: Any) -> bool:
@@ -720,7 +721,7 @@ def _check_targets(target: torch.Tensor, mask: torch.Tensor | None, shape) -> No
     accelerator it costs one host sync)."""
     if target.dtype == torch.bool or target.numel() == 0:
         return
-    lo, hi = torch.aminmax(target.detach())
+    lo, hi = torch.aminmax(C.min_max_ready(target.detach()))
     if lo.item() >= 0 and hi.item() <= 1:  # NaN fails both
         return
     t = target.detach()

@@ -680,7 +680,7 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, ignore_in
     n = target.numel()
     if n == 0:
         return None
-    lo, hi = torch.aminmax(target)  # the label check's one read (a host sync off the CPU)
+    lo, hi = torch.aminmax(C.min_max_ready(target))  # the label check's one read (a host sync off the CPU)
     lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= o.num_classes or lo <= ignore_index <= hi:  # out of range or ignored: the general path
         return None

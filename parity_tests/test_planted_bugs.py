@@ -40,14 +40,6 @@ def _clear_caches() -> None:
                 obj.clear()
 
 
-@pytest.fixture(autouse=True)
-def eager_kernels():
-    """The eager kernels only: a compiled kernel for a warm key would make a cached call differ in its bits."""
-    previous = focal_torch.set_compiled_kernels(False)
-    yield
-    focal_torch.set_compiled_kernels(previous)
-
-
 def _tdtype(name: str):
     return getattr(torch, name)
 
@@ -319,9 +311,6 @@ def test_an_invalid_call_raises_after_a_valid_one_was_cached(case):
 BOOL_OPTIONS = [("gamma", 1, True), ("alpha", 1, True), ("label_smoothing", 0, False)]
 
 
-@pytest.mark.xfail(strict=True, reason="focal_torch._sigmoid caches sigmoid_options in a functools.lru_cache whose key "
-                   "does not tell a bool from the equal int: after a call with gamma=1 (alpha=1, label_smoothing=0) "
-                   "the same call with True (False) is served the cached validation and does not raise TypeError")
 @pytest.mark.parametrize("name,number,flag", BOOL_OPTIONS, ids=[b[0] for b in BOOL_OPTIONS])
 def test_sigmoid_bool_option_raises_after_the_equal_int_was_cached(name, number, flag):
     x, t = torch.randn(4, 3), torch.rand(4, 3)
@@ -525,10 +514,6 @@ def test_sigmoid_plain_path_target_dtypes_and_layouts(target_dtype, layout, plai
 WIDE_UNSIGNED = ["uint16", "uint32", "uint64"]
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="focal_torch._softmax._plain_call reads the labels' range with torch.aminmax on the labels "
-                   "as given, which the CPU does not implement for uint16, uint32 and uint64: NotImplementedError, "
-                   "while the general path (which converts the labels to int64 first) computes the loss")
 @pytest.mark.parametrize("label_dtype", WIDE_UNSIGNED)
 def test_softmax_plain_path_wide_unsigned_labels(label_dtype):
     x = np.random.default_rng(3).normal(size=(6, 4))
@@ -540,10 +525,6 @@ def test_softmax_plain_path_wide_unsigned_labels(label_dtype):
         out.detach().double().numpy(), g.double().numpy(), "float32", label_dtype)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="focal_torch._sigmoid._check_targets reads the targets' range with torch.aminmax on the "
-                   "targets as given, which the CPU does not implement for uint16, uint32 and uint64: "
-                   "NotImplementedError for targets of these integer dtypes (documented as accepted), in every path")
 @pytest.mark.parametrize("target_dtype", WIDE_UNSIGNED)
 def test_sigmoid_wide_unsigned_targets(target_dtype):
     rng = np.random.default_rng(4)
