@@ -110,7 +110,7 @@ class SegmentationFocalLoss:
     Call ``loss(pred, teacher)`` with floating ``pred`` (for example (B, C, H, W)) and ``teacher``
     of the same shape (one-hot or soft).
 
-    Returns:
+    A call returns:
       A scalar in ``pred``'s dtype: the mean loss.
 
     Raises:
@@ -166,7 +166,7 @@ class ClassificationFocalLoss:
     integer class indices of shape (B,) (any integer dtype) or a one-hot (B, C), in both modes.
     The original has no ignore_index: every class index must lie in [0, C).
 
-    Returns:
+    A call returns:
       A scalar in ``pred``'s dtype: the mean loss. Under ``jit`` a class index outside [0, C) cannot
       raise; it makes the loss NaN.
 

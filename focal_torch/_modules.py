@@ -78,7 +78,7 @@ class SigmoidFocalLoss(nn.Module):
     Call ``loss(input, target)`` with logits and targets as for the functional. Options at their
     defaults are left out of the repr.
 
-    Returns:
+    A call returns:
       What :func:`focal_torch.sigmoid_focal_loss` returns.
 
     Raises:
@@ -162,7 +162,7 @@ class SoftmaxFocalLoss(nn.Module):
 
     Call ``loss(input, target)`` with logits and labels as for the functional.
 
-    Returns:
+    A call returns:
       What :func:`focal_torch.softmax_focal_loss` returns.
 
     Raises:
