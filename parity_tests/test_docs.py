@@ -97,7 +97,7 @@ def test_api_twins_link_to_each_other():
         assert row and f"[focal_torch.{name}]" in row.group(1), f"no twin row for {name}"
         for here, there in (("focal_jax", "focal_torch"), ("focal_torch", "focal_jax")):
             page = (DOCS / "api" / f"{here}.md").read_text()
-            section = page.split(f"## `{name}`\n", 1)[1].split("\n## ", 1)[0]
+            section = page.split(f"::: {here}.{name}\n", 1)[1].split("\n::: ", 1)[0]
             assert f"[{there}.{name}]" in section, f"{here}.{name} does not link its twin"
     for name in set(focal_torch.__all__) - set(focal_jax.__all__):
         assert f"[focal_torch.{name}]" in index, f"{name} is missing from the twin table"
