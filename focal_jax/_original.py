@@ -35,8 +35,9 @@ def _original_loss(module: SegmentationFocalLoss | ClassificationFocalLoss, pred
                    teacher: jax.typing.ArrayLike, classification: bool) -> jax.Array:
     pred = _common.as_array(pred)
     teacher = _common.as_array(teacher)
+    # classification is True only for a ClassificationFocalLoss, which has n_classes
     ax, kind = focal_spec.check_original_call(pred.shape, pred.dtype, teacher.shape, module.weights, module.axis,
-                                              classification, module.n_classes if classification else None)
+                                              classification, module.n_classes if classification else None)  # type: ignore[union-attr]
     cdt = _common.compute_dtype(pred.dtype)
     c = pred.shape[ax]
     x = pred.astype(cdt)
