@@ -1,5 +1,5 @@
 """A griffe extension for the API reference: the packages' docstrings use a few reStructuredText
-constructs that Markdown does not know. Cross-reference roles (``:func:`x```) become inline code, and
+constructs that Markdown does not know. Roles (``:func:`x```, ``:math:`x```) become inline code, and
 ``.. math::`` blocks become code blocks, so that the rendered pages show the formulas as written."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import griffe
 
-ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|obj|exc):`~?([^`]+)`")
+ROLE = re.compile(r":(?:mod|func|class|meth|attr|data|obj|exc|math):`~?([^`]+)`")
 MATH = re.compile(r"^([ \t]*)\.\. math::[ \t]*\n((?:\1[ \t]+\S.*\n|[ \t]*\n)+)", flags=re.M)
 
 
