@@ -15,6 +15,7 @@ from focal_jax._family import asymmetric_loss, class_balanced_weights, quality_f
 from focal_jax._original import ClassificationFocalLoss, SegmentationFocalLoss
 from focal_jax._sigmoid import sigmoid_focal_loss
 from focal_jax._softmax import softmax_focal_loss
+from focal_spec import __version__ as __version__  # one version for the three packages
 
 __all__ = [
     "ClassificationFocalLoss",

@@ -186,6 +186,7 @@ def _quality_focal_parts(x: jax.Array, t: jax.Array, *, beta: float) -> _Parts:
     if beta == 0.0:
         return ce, -d, -x
     k = _whole(beta)
+    mod: jax.Array | float
     if k == 1:
         mod, d_mod = jnp.abs(d), jnp.sign(d)
     elif k is not None:  # even powers of d itself, odd ones of |d|
@@ -248,7 +249,7 @@ def _focal_power(u: jax.Array, log_u: jax.Array, gamma: float | jax.Array | _Sch
 
 
 def focal_variant(x: jax.Array, t: jax.Array, *, pw: jax.Array | None,
-                  gamma: float | jax.Array | focal_spec.GammaSchedule, poly1: float,
+                  gamma: float | jax.Array | focal_spec.GammaSchedule | _Scheduled, poly1: float,
                   reduced_threshold: float | None) -> tuple[jax.Array, jax.Array]:
     """The unscaled elementwise focal loss with the options of :mod:`focal_spec._variants`, and its modulator:
     (m · ce + ε₁ (1-p_t)^(γ+1), m).

@@ -35,8 +35,9 @@ def _original_loss(module: SegmentationFocalLoss | ClassificationFocalLoss, pred
                    teacher: jax.typing.ArrayLike, classification: bool) -> jax.Array:
     pred = _common.as_array(pred)
     teacher = _common.as_array(teacher)
+    # classification is True only for a ClassificationFocalLoss, which has n_classes
     ax, kind = focal_spec.check_original_call(pred.shape, pred.dtype, teacher.shape, module.weights, module.axis,
-                                              classification, module.n_classes if classification else None)
+                                              classification, module.n_classes if classification else None)  # type: ignore[union-attr]
     cdt = _common.compute_dtype(pred.dtype)
     c = pred.shape[ax]
     x = pred.astype(cdt)
@@ -110,7 +111,7 @@ class SegmentationFocalLoss:
     Call ``loss(pred, teacher)`` with floating ``pred`` (for example (B, C, H, W)) and ``teacher``
     of the same shape (one-hot or soft).
 
-    Returns:
+    A call returns:
       A scalar in ``pred``'s dtype: the mean loss.
 
     Raises:
@@ -166,7 +167,7 @@ class ClassificationFocalLoss:
     integer class indices of shape (B,) (any integer dtype) or a one-hot (B, C), in both modes.
     The original has no ignore_index: every class index must lie in [0, C).
 
-    Returns:
+    A call returns:
       A scalar in ``pred``'s dtype: the mean loss. Under ``jit`` a class index outside [0, C) cannot
       raise; it makes the loss NaN.
 

@@ -124,7 +124,8 @@ def _target_coefficient(x: jax.Array, t: jax.Array, pw: jax.Array | None, gamma:
 def _kernel(x: jax.Array, t: jax.Array, a: jax.Array | None, g: jax.Array | None, pw: jax.Array | None,
             gamma: float | None, gamma_int: int | None) -> jax.Array:
     """The elementwise loss ``a · (1-p_t)^γ · ce``, whose derivative wrt x is ``a · _coefficient``."""
-    value = _value(x, t, pw, gamma if g is None else g, gamma_int)
+    # gamma is a number whenever g is None
+    value = _value(x, t, pw, gamma if g is None else g, gamma_int)  # type: ignore[arg-type]
     value = value if a is None else a * value
     # Returns x where x is NaN (where the loss is NaN anyway): a select at the root keeps XLA from
     # splitting this elementwise pass across the reduction that follows it, which would keep
@@ -336,7 +337,7 @@ def sigmoid_focal_loss(
     if targets.dtype != jnp.bool_:
         # cannot raise under jit: a counted target outside [0, 1] makes that element's loss NaN
         t = jnp.where((t >= 0) & (t <= 1), t, jnp.full((), jnp.nan, cdt))
-    eps = opts.label_smoothing
+    eps: float | jax.Array | None = opts.label_smoothing
     if eps is None:  # traced: applied whatever its value
         eps = jnp.asarray(label_smoothing, cdt)
         t = t * (1.0 - eps) + eps / 2.0
@@ -367,7 +368,8 @@ def sigmoid_focal_loss(
         loss = _kernel(x, t, scale, g, pw, opts.gamma, opts.gamma_int)
     else:  # the variants: one smooth formula, differentiated by plain autodiff
         gam = schedule if schedule is not None else opts.gamma if g is None else g
-        loss, m = _family.focal_variant(x, t, pw=pw, gamma=gam, poly1=eps1, reduced_threshold=th)
+        # gam is never None: opts.gamma is a number whenever g is None
+        loss, m = _family.focal_variant(x, t, pw=pw, gamma=gam, poly1=eps1, reduced_threshold=th)  # type: ignore[arg-type]
         if scale is not None:
             loss = loss * scale
         if normalized:  # ℓ / Σ m over counted elements (and over the devices of axis_name), 0 when Σ m is 0

@@ -98,7 +98,8 @@ def _index_kernel(x: jax.Array, code: jax.Array, wy: jax.Array, gy: jax.Array | 
                   gamma: float | None, gamma_int: int | None) -> jax.Array:
     """Per-position loss -w_y (1-p_y)^γ log p_y (``wy`` is w[y], 0 where ``code`` is -1; ``gy`` is γ_y
     per position for an array γ, None for a number ``gamma``)."""
-    return wy * _index_stats(x, code, axis, gamma if gy is None else gy, gamma_int)[3]
+    # gamma is a number whenever gy is None
+    return wy * _index_stats(x, code, axis, gamma if gy is None else gy, gamma_int)[3]  # type: ignore[arg-type]
 
 
 def _index_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
@@ -154,7 +155,8 @@ def _dense_kernel(x: jax.Array, wq: jax.Array, g: jax.Array | None, axis: int, g
                   gamma_int: int | None) -> jax.Array:
     """Per-position loss -Σ_c w_c q_c (1-p_c)^γ_c log p_c (``wq`` is w_c q_c times the mask; ``g`` is an
     array γ broadcasting to ``x`` along the class axis, None for a number ``gamma``)."""
-    return jnp.sum(wq * _dense_stats(x, axis, gamma if g is None else g, gamma_int)[1], axis=axis)
+    # gamma is a number whenever g is None
+    return jnp.sum(wq * _dense_stats(x, axis, gamma if g is None else g, gamma_int)[1], axis=axis)  # type: ignore[arg-type]
 
 
 def _dense_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
@@ -219,7 +221,8 @@ def _poly1_loss(x: jax.Array, wq: jax.Array, g: jax.Array | None, axis: int, gam
     omp = jnp.where(big, omp_b, -jnp.expm1(la))
     log1mp = jnp.where(big, log1mp_b, jnp.log1p(-jnp.exp(la)))
     logp = jnp.where(big, jnp.log1p(-jnp.where(big, omp_b, 0.0)), logp_d)
-    m = _family._power(omp, lambda: log1mp, gamma) if g is None else jnp.exp(g * log1mp)
+    # gamma is a number whenever g is None
+    m = _family._power(omp, lambda: log1mp, gamma) if g is None else jnp.exp(g * log1mp)  # type: ignore[arg-type]
     return jnp.sum(wq * (m * (poly1 * omp - logp)), axis=axis)
 
 
@@ -355,7 +358,7 @@ def softmax_focal_loss(
     w = None if weight is None else jnp.asarray(weight, cdt)
     valid = None if where is None else jnp.broadcast_to(jnp.asarray(where, bool), positions)
     g = None if opts.gamma is not None else jnp.asarray(gamma, cdt)  # an array γ: () or (C,)
-    eps = opts.label_smoothing
+    eps: float | jax.Array | None = opts.label_smoothing
     if eps is None:  # traced: applied whatever its value
         eps = jnp.asarray(label_smoothing, cdt)
     smoothing = not isinstance(eps, float) or eps != 0
@@ -372,7 +375,7 @@ def softmax_focal_loss(
         wy = valid.astype(cdt) if w is None else jnp.where(valid, w[ys], jnp.zeros((), cdt))
         wy = jnp.where(bad, jnp.full((), jnp.nan, cdt), wy)
         # Σ w[y] over counted positions; a bad label's NaN reaches the mean through its loss
-        count = jnp.sum(valid, dtype=jnp.int32) if w is None else jnp.sum(wy)
+        count: jax.Array | int = jnp.sum(valid, dtype=jnp.int32) if w is None else jnp.sum(wy)
         if not smoothing and not eps1:
             gy = None if g is None else (g if g.ndim == 0 else g[ys])
             loss = _index_kernel(x, code, wy, gy, ax, opts.gamma, opts.gamma_int)
@@ -418,5 +421,6 @@ def _no_classes(x: jax.Array, labels: jax.Array, opts: focal_spec.SoftmaxOptions
         valid = counted if valid is None else valid & counted
     count = math.prod(loss.shape) if valid is None else jnp.sum(valid, dtype=x.dtype)
     if opts.label_kind == "index":
-        loss = jnp.where(valid, jnp.full((), jnp.nan, x.dtype), loss)
+        # valid was set just above for index labels
+        loss = jnp.where(valid, jnp.full((), jnp.nan, x.dtype), loss)  # type: ignore[arg-type]
     return _distributed.reduce_loss(loss, opts.reduction, count, axis_name).astype(dtype)

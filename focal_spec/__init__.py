@@ -30,6 +30,8 @@ Both: a mean over zero counted elements is 0, not NaN. Half-precision inputs are
 in float32 and returned in their own dtype.
 """
 
+__version__ = "0.2.0"  # the one place the version is written besides pyproject.toml (a test checks they agree)
+
 from focal_spec import _options as options
 from focal_spec import _reference as reference
 from focal_spec import _variants as variants

@@ -81,7 +81,8 @@ def sigmoid_focal_loss(
     out_of_range = ~((t >= 0) & (t <= 1))
     if out_of_range.any():
         raise ValueError(V.targets_out_of_range(t[out_of_range].ravel()[0]))
-    eps = o.label_smoothing
+    # the reference is called with concrete values: label_smoothing is never None (traced) here
+    eps: float = o.label_smoothing  # type: ignore[assignment]
     tp = t * (1.0 - eps) + eps / 2.0
     pw = 1.0 if pos_weight is None else np.broadcast_to(_f64(pos_weight), x.shape)
     lp, ln = _log_sigmoid(x), _log_sigmoid(-x)  # log σ(x), log σ(-x)
@@ -172,7 +173,8 @@ def softmax_focal_loss(
     positions = xm.shape[:-1]
     valid = np.ones(positions, bool) if where is None else np.broadcast_to(np.asarray(where, bool), positions).copy()
     w = np.ones(c) if weight is None else _f64(weight)
-    eps = o.label_smoothing
+    # the reference is called with concrete values: label_smoothing is never None (traced) here
+    eps: float = o.label_smoothing  # type: ignore[assignment]
     if o.label_kind == "index":
         y = labels_np.astype(np.int64)
         valid &= y != o.ignore_index

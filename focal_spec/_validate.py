@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -223,7 +224,8 @@ def check_ignore_index(ignore_index: Any) -> int:
 def normalize_axis(axis: Any, ndim: int, arg: str = "axis") -> int:
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(invalid_value(arg, "an integer", axis))
-    if not -ndim <= axis < ndim:
+    # numbers.Integral compares with int at run time; typeshed's ABC declares no comparison
+    if not -ndim <= axis < ndim:  # type: ignore[operator]
         raise ValueError(invalid_value(arg, f"an integer in [{-ndim}, {ndim}) for {ndim}-d logits", axis))
     return int(axis) % ndim
 
@@ -464,7 +466,7 @@ def original_options(gamma: Any, weights: Any, logits: Any, n_classes: Any = Non
 
 
 def check_original_call(pred_shape: tuple[int, ...], pred_dtype: Any, teacher_shape: tuple[int, ...],
-                        weights: tuple[float, ...] | None, axis: int, classification: bool,
+                        weights: Sequence[float] | None, axis: int, classification: bool,
                         n_classes: int | None = None) -> tuple[int, str]:
     """Validates a call of an original module. Returns (normalized class axis, teacher kind).
 

@@ -4,6 +4,7 @@ The semantics, defaults and error messages are those of :mod:`focal_spec`. The c
 as in ``F.cross_entropy`` ((N, C, ...)). Device and dtype follow the input.
 """
 
+from focal_spec import __version__ as __version__  # one version for the three packages
 from focal_torch._distributed import positive_normalizer
 from focal_torch._family import (
     AsymmetricLoss,

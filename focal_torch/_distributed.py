@@ -102,7 +102,8 @@ def positive_normalizer(
         t = target.detach().to(dtype)
         if where is not None:
             mask = C.as_tensor(where, dtype=torch.bool, device=target.device)
-            t = torch.where(mask, t, 0.0)
+            # C.as_tensor returns None only for None, excluded above
+            t = torch.where(mask, t, 0.0)  # type: ignore[arg-type]
         total = t.sum()
         world = 1.0
         if process_group is not None:

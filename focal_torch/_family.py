@@ -166,7 +166,8 @@ def _asl_loss_(x: torch.Tensor, t: torch.Tensor, *, gamma_pos: float, gamma_neg:
                clip: float) -> torch.Tensor:
     pos = _softplus(x, negate=True)
     if gamma_pos != 0.0:
-        pos.mul_(_pow_(torch.neg(x).sigmoid_(), gamma_pos))
+        # _pow_ returns None only for an exponent of 0, excluded by the test above
+        pos.mul_(_pow_(torch.neg(x).sigmoid_(), gamma_pos))  # type: ignore[arg-type]
     if clip != 0.0:
         pm = torch.sigmoid(x).sub_(clip).clamp_min_(0.0)
         neg = torch.neg(pm).log1p_().neg_()  # -log(1 - p_m): 1 - p_m is exact, and >= 1/2 below p_m = 1/2
@@ -184,7 +185,8 @@ def _asl_grad_(x: torch.Tensor, t: torch.Tensor, *, gamma_pos: float, gamma_neg:
         dpos = torch.neg(sn)
     else:  # -s̄^γ₊ (γ₊ s a + s̄)
         dpos = _softplus(x, negate=True).mul_(s).mul_(gamma_pos).add_(sn)
-        dpos.mul_(_pow_(sn.clone(), gamma_pos)).neg_()
+        # _pow_ returns None only for an exponent of 0, excluded by the test above
+        dpos.mul_(_pow_(sn.clone(), gamma_pos)).neg_()  # type: ignore[arg-type]
     if clip != 0.0:
         pm = torch.sub(s, clip).clamp_min_(0.0)
         one_minus = torch.rsub(pm, 1.0)
@@ -194,7 +196,8 @@ def _asl_grad_(x: torch.Tensor, t: torch.Tensor, *, gamma_pos: float, gamma_neg:
             dneg = torch.div(pm, one_minus, out=one_minus)
             dneg.add_(torch.neg(pm).log1p_(), alpha=-gamma_neg)  # γ₋ ν + p_m / (1 - p_m)
             if gamma_neg != 1.0:  # p_m^(γ₋-1), finite at p_m = 0 (where it multiplies 0)
-                dneg.mul_(_pow_(pm, gamma_neg - 1.0, floor=True))
+                # _pow_ returns None only for an exponent of 0, excluded by the test above
+                dneg.mul_(_pow_(pm, gamma_neg - 1.0, floor=True))  # type: ignore[arg-type]
         dneg.mul_(s).mul_(sn)
     else:  # s^γ₋ (γ₋ s̄ b + s)
         dneg = _softplus(x).mul_(sn).mul_(gamma_neg).add_(s)
@@ -223,10 +226,12 @@ def _qfl_grad_(x: torch.Tensor, t: torch.Tensor, *, beta: float) -> torch.Tensor
     g = s.mul_(sn).mul_(ce).mul_(beta).addcmul_(d, d)  # β s s̄ ce + d²
     if float(beta).is_integer() and 2 <= beta <= 8:  # -d |d|^(β-2) (...)
         if beta > 2.0:
-            g.mul_(_pow_(torch.abs(d), beta - 2.0))
+            # _pow_ returns None only for an exponent of 0, excluded by the test above
+            g.mul_(_pow_(torch.abs(d), beta - 2.0))  # type: ignore[arg-type]
         return g.mul_(d).neg_()
     g.mul_(torch.sign(d)).neg_()
-    return g if beta == 1.0 else g.mul_(_pow_(d.abs_(), beta - 1.0, floor=True))
+    # _pow_ returns None only for an exponent of 0, excluded by the test above
+    return g if beta == 1.0 else g.mul_(_pow_(d.abs_(), beta - 1.0, floor=True))  # type: ignore[arg-type]
 
 
 class _Kernels(NamedTuple):
@@ -254,7 +259,7 @@ class _FamilyKernel(torch.autograd.Function):
     formula ``term`` instead."""
 
     @staticmethod
-    def forward(ctx, x, t, scale, kernels, term, params, reduce):  # type: ignore[override]
+    def forward(ctx, x, t, scale, kernels, term, params, reduce):
         ctx.save_for_backward(x, t, scale)
         ctx.kernels, ctx.term, ctx.params, ctx.reduce = kernels, term, params, reduce
         pieces = C.chunked(x, t, scale)
@@ -268,7 +273,7 @@ class _FamilyKernel(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         x, t, scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
@@ -321,10 +326,12 @@ def _family_loss(loss: str, term: Callable[..., torch.Tensor], input: torch.Tens
     with C.no_autocast(dev):
         x = input.to(cdt)
         t = target.to(device=dev, dtype=cdt).broadcast_to(shape)
-        scale = None if weight is None else C.as_tensor(weight, dtype=cdt, device=dev).broadcast_to(shape)
+        # C.as_tensor returns None only for None, excluded above
+        scale = None if weight is None else C.as_tensor(weight, dtype=cdt, device=dev).broadcast_to(shape)  # type: ignore[union-attr]
         count: Any = input.numel()
         if where is not None:
-            mask = C.as_tensor(where, dtype=torch.bool, device=dev).broadcast_to(shape)
+            # C.as_tensor returns None only for None, excluded above
+            mask = C.as_tensor(where, dtype=torch.bool, device=dev).broadcast_to(shape)  # type: ignore[union-attr]
             x = torch.where(mask, x, 0.0)  # masked garbage never reaches the math
             t = torch.where(mask, t, 0.0)
             scale = mask.to(cdt) if scale is None else torch.where(mask, scale, 0.0)

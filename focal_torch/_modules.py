@@ -78,7 +78,7 @@ class SigmoidFocalLoss(nn.Module):
     Call ``loss(input, target)`` with logits and targets as for the functional. Options at their
     defaults are left out of the repr.
 
-    Returns:
+    A call returns:
       What :func:`focal_torch.sigmoid_focal_loss` returns.
 
     Raises:
@@ -100,6 +100,14 @@ class SigmoidFocalLoss(nn.Module):
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
+
+    # Stored by _store as buffers or plain attributes; declared here so that type checkers do not read them
+    # through nn.Module.__getattr__ (Tensor | Module).
+    gamma: float | torch.Tensor
+    alpha: float | torch.Tensor | None
+    weight: torch.Tensor | None
+    pos_weight: torch.Tensor | None
+    where: torch.Tensor | None
 
     def __init__(self, gamma: float | torch.Tensor = focal_spec.GAMMA,
                  alpha: float | torch.Tensor | None = focal_spec.ALPHA, weight: torch.Tensor | None = None,
@@ -162,7 +170,7 @@ class SoftmaxFocalLoss(nn.Module):
 
     Call ``loss(input, target)`` with logits and labels as for the functional.
 
-    Returns:
+    A call returns:
       What :func:`focal_torch.softmax_focal_loss` returns.
 
     Raises:
@@ -182,6 +190,11 @@ class SoftmaxFocalLoss(nn.Module):
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
+
+    # Stored by _store as buffers or plain attributes (see SigmoidFocalLoss).
+    gamma: float | torch.Tensor
+    weight: torch.Tensor | None
+    where: torch.Tensor | None
 
     def __init__(self, gamma: float | torch.Tensor = focal_spec.GAMMA, weight: torch.Tensor | None = None,
                  ignore_index: int = focal_spec.IGNORE_INDEX, label_smoothing: float = focal_spec.LABEL_SMOOTHING,

@@ -146,7 +146,7 @@ class SegmentationFocalLoss(_OriginalBase):
     Call ``loss(pred, teacher)`` with ``pred`` of shape (B, C, H, W) (any floating dtype; gradients
     flow to it) and ``teacher`` of the same shape (one-hot or soft).
 
-    Returns:
+    A call returns:
       A 0-d tensor of ``pred``'s dtype: the mean loss.
 
     Raises:
@@ -196,7 +196,7 @@ class ClassificationFocalLoss(_OriginalBase):
     Call ``loss(pred, teacher)`` with ``pred`` of shape (B, C) and ``teacher`` either integer class
     indices of shape (B,) or a one-hot (B, C), in both modes.
 
-    Returns:
+    A call returns:
       A 0-d tensor of ``pred``'s dtype: the mean loss.
 
     Raises:

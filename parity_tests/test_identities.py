@@ -352,7 +352,7 @@ def test_label_smoothing_is_pre_smoothed_targets(backend, loss, labels, option, 
 
 
 def test_kornia_migration_rows_hold():
-    """The README's migration table: kornia's binary loss equals ours for 0/1 targets, and its softmax
+    """The migration table (docs/guide/migrating.md): kornia's binary loss equals ours for 0/1 targets, and its softmax
     focal_loss(alpha=a, reduction="mean") equals our sum with weight [1-a, a, ...] over numel."""
     kornia = pytest.importorskip("kornia")
     import torch

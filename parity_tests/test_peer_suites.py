@@ -2,7 +2,7 @@
 
 torchvision (``TestFocalLoss``), kornia (``binary_focal_loss_with_logits`` and ``focal_loss``), MONAI
 (``FocalLoss``) and optax (``sigmoid_focal_loss``) each test their loss for a set of properties. Every
-test here reproduces one of those intents against our functions, called through the README's
+test here reproduces one of those intents against our functions, called through the migration guide's
 "Migrating" table. The peer formulas are written out below from their definitions, in float64; where
 a convention differs (kornia's per-class ``alpha`` and its ``(N, C, *)`` map, MONAI's ``sum`` over
 spatial means, ...), the test asserts the exact relation between the two losses, not a looser
@@ -567,7 +567,7 @@ def test_monai_formula_gives_published_values(options, value):
 
 def ours_as_monai(x, y, *, use_softmax=False, gamma=2.0, alpha=None, weight=None, include_background=True,
                   reduction="mean"):
-    """monai FocalLoss(to_onehot_y=True, ...)(x, y[:, None]) through the README's migration row."""
+    """monai FocalLoss(to_onehot_y=True, ...)(x, y[:, None]) through the migration guide's row."""
     onehot = F.one_hot(y, x.shape[1]).movedim(-1, 1).to(x.dtype)
     labels = y
     if not include_background:  # MONAI drops channel 0 before the softmax

@@ -86,7 +86,7 @@ def test_per_sample_gradients():
 
 
 def test_per_sample_gradients_of_a_model():
-    """The README snippet: per-sample gradients of a linear model's parameters."""
+    """The snippet of docs/guide/transforms.md: per-sample gradients of a linear model's parameters."""
     ft = _ft()
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 4).double()
