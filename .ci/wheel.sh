@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Packaging: build the sdist and the wheel, install the wheel into a fresh virtual environment (no system
-# site packages) with torch pinned as in .ci/run, and, from a directory outside the repository, import both
-# backends, check __version__ and run one loss of each.
+# site packages) and, from a directory outside the repository, import both backends, check __version__ and run
+# one loss of each. The frameworks (torch, jax) are not installed again: the fresh environment reads them from
+# the calling environment's site-packages through a .pth file, after its own site-packages (whose only
+# project files are the wheel's); that environment's editable install is not processed there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
-TORCH_PIN="torch==2.13.0"  # the pin of .ci/run: the CPU build
 
 python -m build --version >/dev/null 2>&1 || python -m pip install -q "build>=1.0"
 OUT="$ROOT/build/wheel-check"
@@ -18,8 +19,10 @@ VERSION=$(basename "$WHEEL" | cut -d- -f2)
 echo "built $(basename "$WHEEL") and $(basename "$SDIST")"
 
 python -m venv "$OUT/venv"  # --system-site-packages is off by default
-"$OUT/venv/bin/python" -m pip install -q "$TORCH_PIN"
-"$OUT/venv/bin/python" -m pip install -q "${WHEEL}[jax,torch]"
+"$OUT/venv/bin/python" -m pip install -q --no-deps "$WHEEL"
+DEPS=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+OWN=$("$OUT/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "$DEPS" > "$OWN/frameworks-of-the-calling-environment.pth"
 
 cd "$(mktemp -d)"  # outside the repository: the packages must come from the wheel
 "$OUT/venv/bin/python" - "$VERSION" <<'PY'
