@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -164,11 +164,12 @@ def _piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, *, loss: bool = True, g
         if grad:  # (1-t') s - π t' s̄: exactly s or -π s̄ for hard targets
             g = s.lerp_(sn.neg_() if pw is None else sn.mul_(-pw), tp)
     else:
+        ce = cast(torch.Tensor, ce)  # computed above where γ != 0
         q = torch.lerp(s, sn, tp, **_new(ws, 5, x.shape))
         if o.gamma_int is not None:  # q^(γ-1) <= 1: a product (q itself for γ = 2)
             mq = C.ipow(q, o.gamma_int - 1, inplace=False) if o.gamma_int > 1 else None
-        else:  # q^(γ-1) may exceed 1: applied before anything can underflow
-            mq = torch.clamp(q, min=_tiny(o.cdtype), **_new(ws, 6, x.shape)).pow_(o.gamma - 1.0)
+        else:  # q^(γ-1) may exceed 1: applied before anything can underflow (γ is a number: see _fast)
+            mq = torch.clamp(q, min=_tiny(o.cdtype), **_new(ws, 6, x.shape)).pow_(cast(float, o.gamma) - 1.0)
         if grad:
             if pw is None:
                 d_ce = torch.addcmul(q, tp, sn, value=-2.0, **_new(ws, 0, x.shape))  # q - 2t's̄ = (1-t')s - t's̄
@@ -233,8 +234,8 @@ def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, g
             if lp is not None and o.reduction != "none":
                 sums.append(lp.sum())
             break
-        if gp is not None:
-            C.piece_of(g_out, region).copy_(gp)
+        if gp is not None:  # grad, and not whole: g_out is a tensor
+            C.piece_of(cast(torch.Tensor, g_out), region).copy_(gp)
         if lp is not None:
             if l_out is not None:
                 C.piece_of(l_out, region).copy_(lp)
@@ -450,8 +451,8 @@ class _Parts:
         d_ce = self.pspn - self.sp
         d_q = None if self.o.gamma == 0.0 else self.sn - self.s
         g = self.times(self._focal(d_ce, d_q), self.scale())
-        if self.alpha is not None or self.o.alpha is not None:
-            a = self.alpha if self.alpha is not None else self.o.alpha
+        a = self.alpha if self.alpha is not None else self.o.alpha
+        if a is not None:
             g = g + self.times(self.unscaled() * (2.0 * a - 1.0), self.scale(alpha=False))
         return g
 
@@ -511,8 +512,10 @@ def _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad: b
         if not _fast(o, eps, x, t, alpha, weight, pw, mask, scale):
             loss = _reduce(_Parts(x, t, alpha, weight, pw, gamma, mask, eps, o).loss(), o, scale)
             return loss.to(x.dtype), None
-        return _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=True, grad=grad,
-                      scale_grad=grad and o.reduction == "mean")
+        # with loss=True the loss is a tensor
+        return cast("tuple[torch.Tensor, torch.Tensor | None]",
+                    _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=True, grad=grad,
+                           scale_grad=grad and o.reduction == "mean"))
 
 
 def _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o: _Opts, grad_x=None) -> None:
@@ -609,7 +612,7 @@ class _SigmoidFocal(torch.autograd.Function):
     save nothing of the input's size but the inputs."""
 
     @staticmethod
-    def forward(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o):  # type: ignore[override]
+    def forward(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o):
         need = ctx.needs_input_grad
         fuse = need[0] and x.numel() <= FUSE_MAX and not (need[1] or need[2] or need[3] or need[4] or need[5])
         loss, grad_x = _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o, fuse)
@@ -627,7 +630,7 @@ class _SigmoidFocalCompiled(torch.autograd.Function):
     """What ``torch.compile`` traces: the same, without ``jvp`` (Dynamo does not trace a custom one)."""
 
     @staticmethod
-    def forward(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o):  # type: ignore[override]
+    def forward(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o):
         _save(ctx, x, t, alpha, weight, pw, gamma, mask, scale, eps, o)
         return _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o)[0]
 
@@ -641,7 +644,7 @@ class _SigmoidFocalFunc(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o):  # type: ignore[override]
+    def forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o):
         return _forward(x, t, alpha, weight, pw, gamma, mask, scale, eps, o)[0]
 
     @staticmethod
@@ -706,10 +709,12 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, alpha: An
         o = _options(tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=gamma, alpha=alpha,
                      weight_shape=None, label_smoothing=label_smoothing, where_shape=None, reduction=reduction,
                      where_dtype="bool", pos_weight_shape=None)
-        opts = _Opts(o.gamma, o.gamma_int, o.alpha, o.reduction, C.compute_dtype(input.dtype), False, True)
+        # number alpha and label smoothing (checked above): never "array" nor None
+        opts = _Opts(o.gamma, o.gamma_int, cast("float | None", o.alpha), o.reduction, C.compute_dtype(input.dtype),
+                     False, True)
         if len(_PLAIN) > 512:
             _PLAIN.clear()
-        plain = _PLAIN[key] = _Plain(opts, o.label_smoothing)
+        plain = _PLAIN[key] = _Plain(opts, cast(float, o.label_smoothing))
     if target.dtype != torch.bool:
         _check_targets(target, None, input.shape)
     n = input.numel()
@@ -876,8 +881,8 @@ def sigmoid_focal_loss(
             and type(input) is torch.Tensor and type(target) is torch.Tensor):
         plain = _plain_call(input, target, gamma, alpha, label_smoothing, reduction)
         if plain is not None:
-            opts, scale = plain
-            return _apply_plain(input, target, None, None, None, None, None, scale, opts.eps, opts.o)
+            plain_opts, plain_scale = plain
+            return _apply_plain(input, target, None, None, None, None, None, plain_scale, plain_opts.eps, plain_opts.o)
     target = C.checked_target(input, target, gamma=gamma, alpha=alpha, weight=weight, pos_weight=pos_weight,
                               where=where)
     dev = input.device
@@ -916,7 +921,7 @@ def sigmoid_focal_loss(
     if not checked and C.can_check_values(target) and (mask is None or C.can_check_values(mask)):
         _check_targets(target, mask, input.shape)
         checked = True
-    opts = _Opts(g_num, g_int, a_num, o.reduction, cdtype, not checked, False)
+    opts = _Opts(g_num, g_int, cast("float | None", a_num), o.reduction, cdtype, not checked, False)  # not "array"
     scale: torch.Tensor | float = 1.0
     if o.reduction == "mean":
         if mask is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -43,7 +43,8 @@ def _modulator(u: torch.Tensor, o: _Opts, gamma: Any = None) -> torch.Tensor | f
         return 1.0
     if o.gamma_int is not None:
         return C.ipow(u, o.gamma_int, inplace=False)
-    return torch.exp(torch.log(u) * (o.gamma if gamma is None else gamma))  # u = 0: exp(-inf) = 0 (γ > 0 here)
+    # u = 0: exp(-inf) = 0 (γ > 0 here); without ``gamma``, ``o.gamma`` is a number (the kernels' γ is known)
+    return torch.exp(torch.log(u) * (cast(float, o.gamma) if gamma is None else gamma))
 
 
 def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts, gamma: Any = None) -> torch.Tensor | float:
@@ -59,7 +60,7 @@ def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts, gamma: Any = None) -> t
     m = _modulator(u, o, gamma)
     pos = u > 0
     rho = torch.where(pos, lpy / torch.where(pos, u, 1.0), -1.0)
-    return (p * rho * (o.gamma if gamma is None else gamma) - 1.0) * m
+    return (p * rho * (cast(float, o.gamma) if gamma is None else gamma) - 1.0) * m
 
 
 def _host_select(t: torch.Tensor) -> bool:
@@ -113,7 +114,7 @@ class _IndexFocal(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, ys, yk, weight, scale, o: _Opts, all_counted: bool):  # type: ignore[override]
+    def forward(ctx, x, ys, yk, weight, scale, o: _Opts, all_counted: bool):
         d = o.dim
         if all_counted and ctx.needs_input_grad[0] and x.numel() <= FUSE_MAX:
             return _fused_forward(ctx, x, ys, yk, weight, scale, o)
@@ -141,7 +142,7 @@ class _IndexFocal(torch.autograd.Function):
             return _keep_and_reduce(ctx, x, lp, ys, weight, scale, o, all_counted, loss.squeeze(d))
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         lp, ys, weight, scale_t = ctx.saved_tensors
         none = (None,) * 6
         if not ctx.needs_input_grad[0]:
@@ -377,6 +378,7 @@ def _plain_loss(x: torch.Tensor, p: _Plain, o: _Opts) -> torch.Tensor:
                 q = q * (1.0 - eps) + eps / nc
                 loss = -(term * q).sum(d)
             else:
+                assert p.labels is not None  # a _Plain holds labels or probs
                 yk = p.labels.long().unsqueeze(d)
                 loss = -((1.0 - eps) * term.gather(d, yk) + (eps / nc) * term.sum(d, keepdim=True)).squeeze(d)
     if p.valid is not None:
@@ -622,6 +624,7 @@ def softmax_focal_loss(
             ys = y
             yk = y.unsqueeze(d)
         else:
+            assert valid is not None  # all_counted where it is None
             ys = torch.where(valid, y, -1)
             yk = ys.clamp(min=0).unsqueeze(d)
         scale: Any = 1.0
@@ -680,8 +683,8 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, ignore_in
     n = target.numel()
     if n == 0:
         return None
-    lo, hi = torch.aminmax(C.min_max_ready(target))  # the label check's one read (a host sync off the CPU)
-    lo, hi = int(lo), int(hi)
+    lo_t, hi_t = torch.aminmax(C.min_max_ready(target))  # the label check's one read (a host sync off the CPU)
+    lo, hi = int(lo_t), int(hi_t)
     if lo < 0 or hi >= o.num_classes or lo <= ignore_index <= hi:  # out of range or ignored: the general path
         return None
     y = target if target.dtype == torch.int64 else target.long()
