@@ -346,7 +346,7 @@ def softmax_focal_loss(
         logits.shape, logits.dtype, labels.shape, labels.dtype, gamma=_common.host_value(gamma),
         weight_shape=_common.shape_of(weight), ignore_index=ignore_index,
         label_smoothing=_common.host_value(label_smoothing), where_shape=_common.shape_of(where), axis=axis,
-        reduction=reduction, where_dtype=_common.dtype_of(where),
+        reduction=reduction, where_dtype=_common.dtype_of(where), weight=_common.host_value(weight),
     )
     cdt = _common.compute_dtype(logits.dtype)
     ax, c = opts.axis, opts.num_classes
