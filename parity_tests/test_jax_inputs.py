@@ -14,6 +14,7 @@ import pytest
 
 import focal_spec
 from focal_spec import reference
+from parity_tests import _harness as H
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -105,19 +106,28 @@ def test_int64_labels_under_x64(x64):
     np.testing.assert_allclose(np.asarray(out), _softmax_expected(x, [1, 4, 2**40], 2**40), rtol=1e-12)
 
 
+# 5 classes, and enough for the index kernel's per-position mask (focal_jax._softmax.ROW_MASK_MIN_CLASSES)
+GARBAGE_CLASSES = [5, 130]
+
+
+@pytest.mark.parametrize("c", GARBAGE_CLASSES)
 @pytest.mark.parametrize("dtype,ignore_index", [("uint8", 255), ("uint8", 0), ("int8", -1), ("uint16", 65535)])
-def test_garbage_at_ignored_positions_of_small_label_dtypes_is_harmless(dtype, ignore_index):
+def test_garbage_at_ignored_positions_of_small_label_dtypes_is_harmless(dtype, ignore_index, c):
+    from focal_jax import _softmax
+
+    assert max(GARBAGE_CLASSES) >= _softmax.ROW_MASK_MIN_CLASSES > min(GARBAGE_CLASSES)
     rng = np.random.default_rng(6)
-    x = rng.normal(size=(4, 5)).astype(np.float32)
+    x = rng.normal(size=(4, c)).astype(np.float32)
     y = np.array([1, ignore_index, 3, ignore_index]).astype(dtype)
     x[1], x[3] = np.nan, np.inf  # ignored positions may hold anything
+    x[3, 0] = -np.inf
+    counted = np.array([0, 2])
     for kw in ({}, {"label_smoothing": 0.1}):
         value, grad = jax.value_and_grad(
             lambda a, kw=kw: focal_jax.softmax_focal_loss(a, y, ignore_index=ignore_index, **kw))(x)
-        counted = np.array([0, 2])
-        expected = reference.softmax_focal_loss(x[counted], y[counted].astype(np.int64), **kw)
-        _close(value, expected[0])
-        _close(np.asarray(grad)[counted], expected[1])
+        want = H.expected("softmax", H.Inputs(x[counted].astype(np.float64), y[counted].astype(np.int64), kw,
+                                              "float32"))
+        want.check(value, np.asarray(grad)[counted], "float32", f"C={c} {kw}")
         assert np.all(np.asarray(grad)[[1, 3]] == 0.0)
 
 
