@@ -39,12 +39,12 @@ def is_traced(value: Any) -> bool:
 def host_value(value: Any) -> Any:
     """What :mod:`focal_spec`'s checks see of an option.
 
-    A traced array is ``focal_spec.Unknown(shape)`` (checked by shape only); a concrete JAX array is
+    A traced array is ``focal_spec.Unknown(shape, dtype)`` (checked by shape and dtype only); a concrete JAX array is
     copied to NumPy (a device-to-host transfer, as reading any array's values is) and checked in full;
     anything else (numbers, NumPy arrays, lists, and wrong types, which the checks reject) as it is.
     """
     if is_traced(value):
-        return focal_spec.Unknown(tuple(value.shape))
+        return focal_spec.Unknown(tuple(value.shape), focal_spec.dtype_name(value.dtype))
     if isinstance(value, jax.Array):
         return np.asarray(value)
     return value

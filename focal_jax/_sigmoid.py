@@ -324,6 +324,7 @@ def sigmoid_focal_loss(
         alpha=_common.host_value(alpha), weight_shape=_common.shape_of(weight),
         label_smoothing=_common.host_value(label_smoothing), where_shape=_common.shape_of(where),
         reduction=reduction, where_dtype=_common.dtype_of(where), pos_weight_shape=_common.shape_of(pos_weight),
+        weight=_common.host_value(weight), pos_weight=_common.host_value(pos_weight),
     )
     cdt = _common.compute_dtype(logits.dtype)
     shape = logits.shape

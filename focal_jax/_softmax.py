@@ -64,6 +64,11 @@ def _modulator_and_kappa(p: jax.Array, logp: jax.Array, log1mp: jax.Array, omp: 
 # ----------------------------------------------------------------------------------------
 
 
+ROW_MASK_MIN_CLASSES = 128
+"""From this many classes, the index kernel masks positions that are not counted with their per-position
+flag (measured on XLA's CPU backend: about 10% faster at C = 1000, several times slower at C = 21)."""
+
+
 def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float | jax.Array,
                  gamma_int: int | None) -> tuple[jax.Array, ...]:
     """The other classes' e_k = exp(x_k - M) (0 at k = y), and per position: S = Σ_k exp(x_k - M),
@@ -78,14 +83,18 @@ def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float | jax.Ar
     counted = code >= 0
     zero = jnp.zeros((), x.dtype)
     # Garbage (NaN, inf) at positions that are not counted never reaches the arithmetic: their row
-    # maximum and labelled logit are replaced by 0 before use, and their logits by 0 inside the
-    # exp pass ((k | code) < 0 exactly when code = -1).
+    # maximum and labelled logit are replaced by 0 before use, and their logits (or x - M) by 0 inside
+    # the exp pass ((k | code) < 0 exactly when code = -1).
     m_x = jnp.where(counted, jax.lax.stop_gradient(jnp.max(x, axis=axis, initial=-jnp.inf)), zero)
     m_k = jnp.expand_dims(m_x, axis)
     x_y = jnp.take_along_axis(x - m_k, jnp.expand_dims(jnp.maximum(code, 0), axis), axis=axis,
                               mode="promise_in_bounds")
     z_y = jnp.where(counted, jnp.squeeze(x_y, axis), zero)
-    e = jnp.where(classes != code_k, jnp.exp(jnp.where((classes | code_k) >= 0, x, zero) - m_k), zero)
+    if x.shape[axis] >= ROW_MASK_MIN_CLASSES:  # one select per element on a per-position condition
+        z = jnp.where(jnp.expand_dims(counted, axis), x - m_k, zero)
+    else:  # short rows: XLA's CPU code for a per-position condition over the class axis is slower there
+        z = jnp.where((classes | code_k) >= 0, x, zero) - m_k
+    e = jnp.where(classes != code_k, jnp.exp(z), zero)
     others = jnp.sum(e, axis=axis)
     s = others + jnp.exp(z_y)
     logp, log1mp, omp = _log_parts(others, s, z_y)
@@ -349,7 +358,7 @@ def softmax_focal_loss(
         logits.shape, logits.dtype, labels.shape, labels.dtype, gamma=_common.host_value(gamma),
         weight_shape=_common.shape_of(weight), ignore_index=ignore_index,
         label_smoothing=_common.host_value(label_smoothing), where_shape=_common.shape_of(where), axis=axis,
-        reduction=reduction, where_dtype=_common.dtype_of(where),
+        reduction=reduction, where_dtype=_common.dtype_of(where), weight=_common.host_value(weight),
     )
     cdt = _common.compute_dtype(logits.dtype)
     ax, c = opts.axis, opts.num_classes

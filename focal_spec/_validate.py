@@ -118,14 +118,25 @@ def check_logits_dtype(dtype: Any) -> str:
 
 
 class Unknown(NamedTuple):
-    """An array argument known by its shape only: traced (``jax.jit``, ``torch.compile``, ``vmap``) or on a
-    device where reading it would cost a sync. Validation checks its shape and skips its values."""
+    """An array argument known by its shape (and its dtype, when the backend gives it) only: traced
+    (``jax.jit``, ``torch.compile``, ``vmap``) or on a device where reading it would cost a sync. Validation
+    checks its shape and dtype and skips its values."""
 
     shape: tuple[int, ...]
+    dtype: Any = None
+
+
+def is_bool(value: Any) -> bool:
+    """Whether ``value`` is a boolean: a Python bool, ``np.bool_``, or an array of any backend (or an
+    :class:`Unknown`) of dtype bool. A boolean is never read as the number 0 or 1."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and dtype_name(dtype) == "bool"
 
 
 def _reject_non_numeric(arg: str, value: Any, expected: str) -> None:
-    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+    if value is None or isinstance(value, (str, bytes)) or is_bool(value):
         raise TypeError(invalid_value(arg, expected, value))
 
 
@@ -166,8 +177,9 @@ def check_gamma(gamma: Any) -> float | np.ndarray | Unknown:
     Known values must be finite and >= 0. A 0-d array becomes a float.
     """
     if isinstance(gamma, Unknown):
+        _reject_non_numeric("gamma", gamma, GAMMA_EXPECTED)
         return gamma
-    if isinstance(gamma, numbers.Real) and not isinstance(gamma, (bool, np.bool_)):
+    if isinstance(gamma, numbers.Real) and not is_bool(gamma):
         g = float(gamma)
         if not math.isfinite(g) or g < 0:
             raise ValueError(invalid_value("gamma", GAMMA_EXPECTED, gamma))
@@ -199,6 +211,7 @@ def check_unit_interval(arg: str, value: Any) -> float:
 def check_label_smoothing(label_smoothing: Any) -> float | None:
     """ε as a float, or None when it is ``Unknown`` (traced): then it must be 0-d and is not range-checked."""
     if isinstance(label_smoothing, Unknown):
+        _reject_non_numeric("label_smoothing", label_smoothing, "a number in [0, 1]")
         if tuple(label_smoothing.shape) != ():
             raise ValueError(invalid_value("label_smoothing", "a number in [0, 1] (0-d)",
                                            f"array of shape {tuple(label_smoothing.shape)}"))
@@ -248,18 +261,38 @@ def check_alpha(alpha: Any, logits_shape: tuple[int, ...]) -> float | None | str
     if alpha is None:
         return None
     if isinstance(alpha, Unknown):
+        _reject_non_numeric("alpha", alpha, ALPHA_EXPECTED)
         check_broadcast("alpha", alpha.shape, logits_shape)
         return "array"
-    if isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, np.bool_)):
+    if isinstance(alpha, numbers.Real) and not is_bool(alpha):
         return check_unit_interval("alpha", alpha)
     arr = _host_array("alpha", alpha, ALPHA_EXPECTED)
-    ok = (arr >= 0) & (arr <= 1)
+    ok = (arr >= 0) & (arr <= 1)  # False for NaN
     if not ok.all():
         raise ValueError(invalid_value("alpha", "values in [0, 1]", _first_bad(arr, ok)))
     if arr.ndim == 0:
         return float(arr)
     check_broadcast("alpha", arr.shape, logits_shape)
     return "array"
+
+
+WEIGHT_EXPECTED = "None, or an array of finite numbers"
+
+
+def check_weight(arg: str, weight: Any) -> tuple[int, ...] | None:
+    """A weight array (``weight``, ``pos_weight``, a softmax class ``weight``): None, an :class:`Unknown`
+    (its dtype checked when known), or host values, which must be finite numbers (a NaN or ±inf weight is
+    an error, not a NaN loss). Returns its shape (None for None); the caller checks that shape."""
+    if weight is None:
+        return None
+    if isinstance(weight, Unknown):
+        _reject_non_numeric(arg, weight, WEIGHT_EXPECTED)
+        return tuple(weight.shape)
+    arr = _host_array(arg, weight, WEIGHT_EXPECTED)
+    ok = np.isfinite(arr)
+    if not ok.all():
+        raise ValueError(invalid_value(arg, "finite values", _first_bad(arr, ok)))
+    return tuple(arr.shape)
 
 
 def check_where_dtype(dtype: Any) -> None:
@@ -327,13 +360,16 @@ def sigmoid_options(
     logits_shape: tuple[int, ...], logits_dtype: Any, targets_shape: tuple[int, ...], targets_dtype: Any, *,
     gamma: Any, alpha: Any, weight_shape: tuple[int, ...] | None, label_smoothing: Any,
     where_shape: tuple[int, ...] | None, reduction: Any, where_dtype: Any = "bool",
-    pos_weight_shape: tuple[int, ...] | None = None,
+    pos_weight_shape: tuple[int, ...] | None = None, weight: Any = None, pos_weight: Any = None,
 ) -> SigmoidOptions:
     """Validates a ``sigmoid_focal_loss`` call. Shapes are tuples; dtypes are dtype objects or names.
 
     ``gamma``, ``alpha`` and ``label_smoothing`` are host values (checked in full) or :class:`Unknown`
-    (checked by shape only).
+    (checked by shape and dtype only). ``weight`` and ``pos_weight``, when given, are their host values or
+    :class:`Unknown` (:func:`check_weight`): their values are checked before their shapes.
     """
+    check_weight("weight", weight)
+    check_weight("pos_weight", pos_weight)
     logits_shape = tuple(logits_shape)
     ldt = check_logits_dtype(logits_dtype)
     tdt = dtype_name(targets_dtype)
@@ -377,15 +413,17 @@ def softmax_options(
     logits_shape: tuple[int, ...], logits_dtype: Any, labels_shape: tuple[int, ...], labels_dtype: Any, *,
     gamma: Any, weight_shape: tuple[int, ...] | None, ignore_index: Any, label_smoothing: Any,
     where_shape: tuple[int, ...] | None, axis: Any, reduction: Any, axis_arg: str = "axis",
-    where_dtype: Any = "bool",
+    where_dtype: Any = "bool", weight: Any = None,
 ) -> SoftmaxOptions:
-    """Validates a ``softmax_focal_loss`` call (``axis_arg`` is ``"dim"`` in torch).
+    """Validates a ``softmax_focal_loss`` call (``axis_arg`` is ``"dim"`` in torch). ``weight``, when given,
+    is the class weights' host value or :class:`Unknown` (:func:`check_weight`), checked before any shape.
 
     ``gamma`` and ``label_smoothing`` are host values (checked in full) or :class:`Unknown` (shape only).
     An array ``gamma`` is 0-d or has one value per class, shape (C,): γ_c applies to class c's modulator.
     C = 0 is allowed: there is no class to predict, so every integer label is out of range (torch raises,
     JAX gives NaN) unless it is ignored, and a loss over no counted position is 0.
     """
+    check_weight("weight", weight)
     logits_shape = tuple(logits_shape)
     labels_shape = tuple(labels_shape)
     ldt = check_logits_dtype(logits_dtype)
@@ -451,11 +489,19 @@ def original_options(gamma: Any, weights: Any, logits: Any, n_classes: Any = Non
     if not isinstance(logits, (bool, np.bool_)):
         raise TypeError(invalid_value("logits", "True or False", logits))
     if n_classes is not None:
-        if isinstance(n_classes, (bool, np.bool_)) or not isinstance(n_classes, numbers.Integral) or n_classes < 1:
+        if is_bool(n_classes) or not isinstance(n_classes, numbers.Integral):
+            raise TypeError(invalid_value("n_classes", "an integer >= 1", n_classes))
+        if n_classes < 1:
             raise ValueError(invalid_value("n_classes", "an integer >= 1", n_classes))
     w = None
     if weights is not None:
-        arr = np.asarray(weights.tolist() if hasattr(weights, "tolist") else weights, dtype=np.float64)
+        expected = "a 1-d sequence of one finite weight per class"
+        raw = weights.tolist() if hasattr(weights, "tolist") else weights
+        if is_bool(weights) or (isinstance(raw, (list, tuple)) and any(is_bool(v) for v in raw)):
+            raise TypeError(invalid_value("weights", expected, weights))  # True is not the weight 1
+        arr = np.asarray(raw, dtype=np.float64)
+        if arr.ndim == 1 and not np.isfinite(arr).all():
+            raise ValueError(invalid_value("weights", expected, weights))
         if arr.ndim != 1:
             raise ValueError(invalid_value("weights", "a 1-d sequence of one weight per class", weights))
         if n_classes is not None and arr.shape[0] != n_classes:

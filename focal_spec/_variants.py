@@ -179,14 +179,15 @@ _HYPER = {
 
 def family_options(loss: str, logits_shape: tuple[int, ...], logits_dtype: Any, targets_shape: tuple[int, ...],
                    targets_dtype: Any, *, weight_shape: tuple[int, ...] | None, where_shape: tuple[int, ...] | None,
-                   where_dtype: Any = "bool", reduction: Any, label_smoothing: Any = 0.0,
+                   where_dtype: Any = "bool", reduction: Any, label_smoothing: Any = 0.0, weight: Any = None,
                    **hyper: Any) -> FamilyOptions:
     """Validates a call of ``asymmetric_loss``, ``quality_focal_loss`` or ``varifocal_loss`` (elementwise,
     sigmoid-based: the shapes and dtypes follow ``sigmoid_focal_loss``'s rules). Hyperparameters are
-    Python numbers."""
+    Python numbers. ``weight``, when given, is the weight's host value or ``Unknown``
+    (:func:`focal_spec._validate.check_weight`)."""
     base = V.sigmoid_options(logits_shape, logits_dtype, targets_shape, targets_dtype, gamma=0.0, alpha=None,
                              weight_shape=weight_shape, label_smoothing=label_smoothing, where_shape=where_shape,
-                             where_dtype=where_dtype, reduction=reduction)
+                             where_dtype=where_dtype, reduction=reduction, weight=weight)
     params = tuple((name, check(name, hyper.get(name, default))) for name, default, check in _HYPER[loss])
     return FamilyOptions(loss=loss, params=params, label_smoothing=base.label_smoothing, reduction=base.reduction,
                          compute_dtype=base.compute_dtype, logits_dtype=base.logits_dtype)

@@ -82,17 +82,38 @@ HESSIAN_LOGITS = np.array([100.0, -100.0, 75.0, -75.0, 50.0, -50.0])
 
 
 def _reference_second_derivative(x, t, gamma):
-    """Central difference of the reference's analytic gradient, in float64."""
-    h = 1e-5 * np.maximum(1.0, np.abs(x))
-    gp = reference.sigmoid_focal_loss(x + h, t, gamma=gamma, reduction="none")[1]
-    gm = reference.sigmoid_focal_loss(x - h, t, gamma=gamma, reduction="none")[1]
-    return (gp - gm) / (2 * h)
+    """d²ℓ/dx² of ℓ = q^γ ce (q = 1 - p_t = t σ(-x) + (1-t) σ(x)) in closed form, in float64, and the sum of
+    its terms' magnitudes: ℓ'' = γ(γ-1) q^(γ-2) q'² ce + γ q^(γ-1) (q'' ce + 2 q' ce') + q^γ ce'', with
+    q' = (1-2t) σσ₋, q'' = (1-2t) σσ₋ (σ₋ - σ), ce' = σ - t = (1-t)σ - tσ₋, ce'' = σσ₋ (σ₋ = σ(-x)). Each
+    power of q is taken in logarithms, so that nothing underflows before it is multiplied (a difference of
+    the gradient would lose every digit where the Hessian is e^-100 and the gradient is 1)."""
+    lp, ln = -np.logaddexp(0.0, -x), -np.logaddexp(0.0, x)
+    s, sn = np.exp(lp), np.exp(ln)
+    with np.errstate(divide="ignore"):
+        log_q = np.logaddexp(np.log(t) + ln, np.log1p(-t) + lp)
+        log_ssn = lp + ln
+        ce = -(t * lp + (1.0 - t) * ln)
+        c = 1.0 - 2.0 * t
+
+        def pw(k, *logs):  # q^k times the product of exp(logs), 0 where a factor is 0
+            return np.exp(k * log_q + sum(logs))
+
+        terms = [
+            gamma * (gamma - 1.0) * c * c * pw(gamma - 2.0, 2 * log_ssn) * ce if gamma else 0.0 * x,
+            gamma * c * pw(gamma - 1.0, log_ssn) * (sn - s) * ce if gamma else 0.0 * x,
+            2.0 * gamma * c * pw(gamma - 1.0, log_ssn) * ((1.0 - t) * s - t * sn) if gamma else 0.0 * x,
+            pw(gamma, log_ssn),
+        ]
+    terms = [np.where(np.isnan(v), 0.0, v) for v in terms]  # 0 · inf where a factor is exactly 0
+    return sum(terms), sum(np.abs(v) for v in terms)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 1.5])
 @pytest.mark.parametrize("target", [0.0, 1.0, 0.5, 0.9])
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", ["jax", pytest.param("torch", marks=pytest.mark.xfail(
+    strict=True, reason="focal_torch's second derivative at |x| >= 50 is off by about e^-|x| in absolute terms "
+    "(0 for the cross-entropy's σσ₋ = 1.9e-22 at x = 50): finite, but not within 1e-4 of its terms"))])
 def test_sigmoid_hessian_is_finite_for_small_gamma(backend, target, gamma, dtype):
     x = HESSIAN_LOGITS
     t = np.full_like(x, target)
@@ -117,8 +138,13 @@ def test_sigmoid_hessian_is_finite_for_small_gamma(backend, target, gamma, dtype
             torch.tensor(x, dtype=getattr(torch, dtype))).numpy()
     assert np.isfinite(hess).all()
     np.testing.assert_array_equal(hess - np.diag(np.diag(hess)), 0.0)
-    expected = _reference_second_derivative(x, t, gamma)
-    np.testing.assert_allclose(np.diag(hess), expected, rtol=1e-4, atol=1e-6)
+    expected, terms = _reference_second_derivative(x, t, gamma)
+    # the reference's first derivative at the same points: the closed form above is its derivative
+    h = 1e-6
+    fd = (reference.sigmoid_focal_loss(1.0 + h, 0.3, gamma=gamma, reduction="none")[1]
+          - reference.sigmoid_focal_loss(1.0 - h, 0.3, gamma=gamma, reduction="none")[1]) / (2 * h)
+    np.testing.assert_allclose(_reference_second_derivative(np.array(1.0), 0.3, gamma)[0], fd, rtol=1e-7)
+    H.assert_close(np.diag(hess), expected, dtype, "d²ℓ/dx²", scale=1e-4 / H.TOLERANCES[dtype]["rtol"] * terms)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
