@@ -295,7 +295,8 @@ def _family_loss(loss: str, term: Callable[..., jax.Array], logits: jax.typing.A
     opts = focal_spec.family_options(
         loss, logits.shape, logits.dtype, targets.shape, targets.dtype, weight_shape=_common.shape_of(weight),
         where_shape=_common.shape_of(where), where_dtype="bool" if where is None else _common.dtype_of(where),
-        reduction=reduction, label_smoothing=_common.host_value(label_smoothing), **hyper)
+        reduction=reduction, label_smoothing=_common.host_value(label_smoothing),
+        weight=None if weight is None else _common.host_value(weight), **hyper)
     cdt = _common.compute_dtype(logits.dtype)
     shape = logits.shape
     x = logits.astype(cdt)

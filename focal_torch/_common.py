@@ -110,8 +110,8 @@ def can_check_values(t: torch.Tensor) -> bool:
 def spec_value(value: Any) -> Any:
     """What :mod:`focal_spec`'s checks see of an option: host values as they are; a tensor whose values
     can be read for free (:func:`can_read_values`) as NumPy data; any other tensor (an accelerator's, a
-    fake one under ``torch.compile``, a ``torch.func``-wrapped one) as ``focal_spec.Unknown(shape)``,
-    checked by shape only. Under ``torch.compile`` a Python number is ``Unknown(())`` too: with
+    fake one under ``torch.compile``, a ``torch.func``-wrapped one) as ``focal_spec.Unknown(shape, dtype)``,
+    checked by shape and dtype only. Under ``torch.compile`` a Python number is ``Unknown(())`` too: with
     ``dynamic=True`` it is symbolic (so that a changing value does not recompile), and reading it
     (``math.isfinite``, ``float``) would specialise on it or break the graph."""
     if isinstance(value, torch.Tensor):
@@ -119,7 +119,7 @@ def spec_value(value: Any) -> Any:
             v = value.detach()
             return (v if v.dtype in (torch.float32, torch.float64) or not v.is_floating_point()
                     else v.float()).numpy()
-        return focal_spec.Unknown(tuple(value.shape))
+        return focal_spec.Unknown(tuple(value.shape), focal_spec.dtype_name(value.dtype))
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return focal_spec.Unknown(())
     if is_compiling() and isinstance(value, numbers.Real) and not isinstance(value, bool):

@@ -886,6 +886,8 @@ def sigmoid_focal_loss(
     target = C.checked_target(input, target, gamma=gamma, alpha=alpha, weight=weight, pos_weight=pos_weight,
                               where=where)
     dev = input.device
+    focal_spec.check_weight("weight", C.spec_value(weight))  # values: outside the cached validation
+    focal_spec.check_weight("pos_weight", C.spec_value(pos_weight))
     o = _options(
         tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=C.spec_gamma(gamma),
         alpha=C.spec_value(alpha), weight_shape=C.shape_of(weight), label_smoothing=C.spec_value(label_smoothing),

@@ -562,6 +562,7 @@ def softmax_focal_loss(
             return _apply_plain(input, *plain, True)
     target = C.checked_target(input, target, weight=weight, where=where)
     dev = input.device
+    focal_spec.check_weight("weight", C.spec_value(weight))  # values: outside the cached validation
     o = _options(input, target, gamma, weight, ignore_index, label_smoothing, where, dim, reduction)
     cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32  # C.compute_dtype, inlined
     d = o.axis

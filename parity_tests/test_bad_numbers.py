@@ -87,25 +87,11 @@ def _call(backend, mod, asarray, loss, option, value, module=False):
     return getattr(mod, loss)(x, labels, **kw)
 
 
-# Weight values that the spec checks but a backend does not hand over yet (it passes the weight's shape
-# only): strict, so that each fails once the backend passes ``weight=``/``pos_weight=`` values to the spec.
-OPEN = {
-    ("torch", "sigmoid_focal_loss", "weight"): "focal_torch._sigmoid passes weight_shape only (no weight=)",
-    ("torch", "sigmoid_focal_loss", "pos_weight"): "focal_torch._sigmoid passes pos_weight_shape only",
-    ("torch", "softmax_focal_loss", "weight"): "focal_torch._softmax passes weight_shape only (no weight=)",
-    ("jax", "asymmetric_loss", "weight"): "focal_jax._family passes weight_shape only (no weight=)",
-    ("jax", "quality_focal_loss", "weight"): "focal_jax._family passes weight_shape only (no weight=)",
-    ("jax", "varifocal_loss", "weight"): "focal_jax._family passes weight_shape only (no weight=)",
-}
-
-
 def _params(cases, backends=("jax", "torch")):
     out = []
     for backend in backends:
         for case in cases:
-            reason = OPEN.get((backend, case[0], case[1]))
-            marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-            out.append(pytest.param(backend, *case, marks=marks, id="-".join((*case, backend))))
+            out.append(pytest.param(backend, *case, id="-".join((*case, backend))))
     return out
 
 
