@@ -38,7 +38,14 @@ from focal_spec import _linear as linear
 from focal_spec import _options as options
 from focal_spec import _reference as reference
 from focal_spec import _variants as variants
-from focal_spec._linear import LinearOptions, check_chunk_size, linear_options, pick_chunk_size
+from focal_spec._linear import (
+    LinearOptions,
+    check_chunk_size,
+    class_block,
+    linear_options,
+    pick_blocks,
+    pick_chunk_size,
+)
 from focal_spec._options import (
     ALPHA,
     FLOAT_DTYPES,
@@ -83,7 +90,7 @@ from focal_spec._validate import (
 from focal_spec._variants import FLSD_53, FamilyOptions, GammaSchedule, class_balanced_weights, family_options
 
 __all__ = [
-    "LinearOptions", "check_chunk_size", "linear", "linear_options", "pick_chunk_size",
+    "LinearOptions", "check_chunk_size", "class_block", "linear", "linear_options", "pick_blocks", "pick_chunk_size",
     "GAMMA_EXPECTED",
     "FLSD_53", "FamilyOptions", "GammaSchedule", "class_balanced_weights", "family_options", "variants",
     "ALPHA", "FLOAT_DTYPES", "GAMMA", "HALF_DTYPES", "IGNORE_INDEX", "JAX_CLASS_AXIS", "LABEL_SMOOTHING",

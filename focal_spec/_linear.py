@@ -18,6 +18,10 @@ Functions (static facts only: shapes as tuples, dtypes as names or dtype objects
   the chunk size.
 - ``pick_chunk_size(n_positions, hidden_dim, n_classes, itemsize) -> int``: the number of positions per chunk
   when ``chunk_size`` is None.
+- ``class_block(rows, n_classes) -> int``: classes per block for a backend that also blocks the class axis
+  (JAX), given ``rows`` positions per chunk.
+- ``pick_blocks(n_positions, hidden_dim, n_classes, itemsize) -> (rows, classes)``: both, when ``chunk_size`` is
+  None, for such a backend: every position in one chunk (up to ``BLOCK_ROWS``), the classes in blocks.
 - ``check_chunk_size(chunk_size) -> int | None``.
 """
 
@@ -40,6 +44,12 @@ CHUNK_FRACTION = 64
 """... and at most this fraction of the whole logits' bytes, so that the fused loss keeps well under 1/8 of them."""
 MIN_CHUNK_BYTES = 2**20
 """The smallest float32 chunk that ``pick_chunk_size`` aims for (small inputs: one chunk)."""
+BLOCK_BYTES = 4 * 2**20
+"""Bytes of float32 logits of one (positions, classes) block for a backend that blocks both axes."""
+BLOCK_ROWS = 8192
+"""The most positions ``pick_blocks`` puts in one chunk."""
+MIN_BLOCK_CLASSES = 128
+"""The fewest classes ``class_block`` puts in one block (fewer only when there are fewer classes)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +97,37 @@ def pick_chunk_size(n_positions: int, hidden_dim: int, n_classes: int, itemsize:
     rows = max(budget // row, 8)
     rows -= rows % 8
     return int(min(rows, n))
+
+
+def class_block(rows: int, n_classes: int) -> int:
+    """Classes per block so that a block's float32 logits take about ``BLOCK_BYTES``: at least
+    ``MIN_BLOCK_CLASSES``, at most ``n_classes``; a divisor of ``n_classes`` where one lies within a factor 2
+    below that size (no padding of the weight then).
+
+    >>> class_block(2048, 32768), class_block(512, 131072), class_block(64, 50), class_block(2048, 50000)
+    (512, 2048, 50, 500)
+    """
+    v = max(int(n_classes), 1)
+    size = max(BLOCK_BYTES // (4 * max(int(rows), 1)), MIN_BLOCK_CLASSES)
+    if size >= v:
+        return v
+    for c in range(size, size // 2, -1):
+        if v % c == 0:
+            return c
+    return size
+
+
+def pick_blocks(n_positions: int, hidden_dim: int, n_classes: int, itemsize: int) -> tuple[int, int]:
+    """(positions per chunk, classes per block) when ``chunk_size`` is None, for a backend that blocks both
+    axes: all positions up to ``BLOCK_ROWS`` in one chunk (the weight's gradient is then written block by block,
+    never accumulated across chunks), the classes by :func:`class_block`. ``hidden_dim`` and ``itemsize`` are
+    part of the signature for backends that weigh the hidden states too.
+
+    >>> pick_blocks(2048, 256, 32768, 4)
+    (2048, 512)
+    """
+    rows = max(min(int(n_positions), BLOCK_ROWS), 1)
+    return rows, class_block(rows, n_classes)
 
 
 def linear_options(
