@@ -1,19 +1,21 @@
 """Fused linear + softmax focal loss: the loss on ``hidden @ weight.T + bias`` without the (N, V) logits.
 
-The positions are taken a chunk at a time (``chunk_size`` rows of ``hidden``, all V classes). A chunk's
-logits are one matmul in the inputs' dtype with float32 accumulation; on them the chunk's per-position loss
-and its logits' gradient are exactly those of :func:`focal_jax.softmax_focal_loss` (the same closed forms:
-∂ℓ_i/∂x_ik = c_i (p_ik - [k = y_i]) for plain integer labels, the dense form with label smoothing), and
-the gradient is multiplied into ∂hidden and ∂weight at once, then dropped.
+The classes are taken a block at a time (and the positions a chunk at a time when there are more of them
+than ``chunk_size``); a block's logits are one matmul in the inputs' dtype accumulated in float32 (float64 for
+float64 inputs), and everything after it runs in that dtype. One ``jax.custom_vjp``:
 
-Two custom VJPs share that chunk step:
+- forward, pass 1 over the class blocks: per position the running maximum M, S = Σ_k e_k with e_k = exp(x_k - M),
+  Σ_{k≠y} e_k (so that 1 - p_y is a sum, never 1 - p_y), the sum over every class but one arg-max, and x_y;
+  the sums are rescaled when a block raises M. Without label smoothing the loss -w_y (1-p_y)^γ log p_y and the
+  one scalar a = w_y κ_y of the gradient ∂ℓ/∂x_k = a (δ_ky - p_k) follow from these (``_softmax``'s closed
+  forms). With label smoothing every class has its own modulator, so pass 2 recomputes each block's logits and
+  sums Σ_k w_k q_k F_k (the loss) and Σ_k w_k q_k κ_k (the gradient's ∂ℓ/∂x_k = A_k (1-p_k) - p_k Σ_{c≠k} A_c).
+- backward: one more pass over the class blocks recomputes the logits, forms their gradient times the
+  cotangent, and multiplies it into ∂hidden (summed over blocks: N×D) and the block's rows of ∂weight and
+  ∂bias (written once, never accumulated: no second weight-sized buffer).
 
-- ``"sum"`` and ``"mean"``: the forward pass of ``jax.grad`` forms the gradients of Σ_i ℓ_i while the chunk's
-  logits are at hand (3 matmuls in all, as the unfused loss: logits, ∂hidden, ∂weight) and keeps them
-  (∂hidden, ∂weight, ∂bias, ∂class_weight: the inputs' sizes in float32); the backward pass multiplies them by
-  the cotangent. A plain call (no gradient) runs the logits' matmul only.
-- ``"none"``: the cotangent differs per position, so the backward pass recomputes each chunk's logits and
-  forms its gradient there (4 matmuls; nothing kept beyond the inputs).
+Cost: 4 matmuls of N·D·V (5 with label smoothing) against the materialised loss's 3; kept between the passes,
+O(N) numbers per position; at any time one block's logits and a few same-sized temporaries.
 """
 
 from __future__ import annotations
@@ -26,121 +28,196 @@ import jax
 import jax.numpy as jnp
 
 import focal_spec
-from focal_jax import _common
+from focal_jax import _common, _softmax
 from focal_jax._softmax import softmax_focal_loss
 
-_Static = tuple  # the static facts of one call: (gamma, ignore_index, chunk, the inputs' dtype name)
+_Static = tuple  # (gamma, gamma_int, smoothing?, positions per chunk, classes per block, V, the inputs' dtype)
 
 
-def _chunks(a: jax.Array, chunk: int) -> jax.Array:
-    return a.reshape((a.shape[0] // chunk, chunk) + a.shape[1:])
+def _block_logits(h: jax.Array, wb: jax.Array, bb: jax.Array | None, real: jax.Array, cdt: Any) -> jax.Array:
+    """One block's logits h @ wb.T (+ bb): a matmul in the inputs' dtype accumulated in ``cdt``; -inf at the
+    padding classes beyond V."""
+    x = jax.lax.dot_general(h, wb, (((1,), (1,)), ((), ())), preferred_element_type=cdt)
+    if bb is not None:
+        x = x + bb
+    return jnp.where(real, x, -jnp.inf)
 
 
-def _logits(h: jax.Array, w: jax.Array, b: jax.Array | None, cdt: Any) -> jax.Array:
-    """h @ w.T (+ b) in the inputs' dtype, accumulated in (and returned as) the compute dtype."""
-    x = jax.lax.dot_general(h, w, (((1,), (1,)), ((), ())), preferred_element_type=cdt)
-    return x if b is None else x + b
+def _classes(start: jax.Array, vc: int, v: int) -> tuple[jax.Array, jax.Array]:
+    cls = start + jnp.arange(vc, dtype=jnp.int32)
+    return cls, cls < v
 
 
-def _chunk_loss(static: _Static, y: jax.Array, valid: jax.Array, x: jax.Array, cw: jax.Array | None,
-                eps: jax.Array) -> jax.Array:
-    gamma, ignore_index = static[0], static[1]
-    return softmax_focal_loss(x, y, gamma=gamma, weight=cw, ignore_index=ignore_index, label_smoothing=eps,
-                              where=valid, reduction="none")
+def _stats(static: _Static, h, w3, b2, code):
+    """Pass 1 over the class blocks, per position: M = max_k x_k, S = Σ_k e_k (e_k = exp(x_k - M)), the sum
+    over every class but one arg-max (cancellation-free 1 - p at the arg-max), Σ_{k≠y} e_k and x_y. Sums are
+    rescaled when a block raises the running maximum."""
+    vc, v, cdt = static[4], static[5], h.dtype if h.dtype == jnp.float64 else jnp.float32
+    n = h.shape[0]
+
+    def step(carry, xs):
+        m, s_all, s_wo1, s_noty, xy = carry
+        wb, bb, start = xs
+        cls, real = _classes(start, vc, v)
+        x = _block_logits(h, wb, bb, real, cdt)
+        bm = jnp.max(x, axis=1)
+        m_new = jnp.maximum(m, bm)
+        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        r = jnp.exp(m - safe)
+        e = jnp.exp(x - safe[:, None])
+        at_max = (x == bm[:, None]) & real
+        blk = jnp.sum(e, axis=1)
+        blk_wo1 = jnp.sum(jnp.where(at_max, 0.0, e), axis=1) + (jnp.sum(at_max, axis=1, dtype=cdt) - 1.0)
+        s_wo1 = jnp.where(bm > m, s_all * r + blk_wo1, s_wo1 * r + blk)
+        is_y = cls[None, :] == code[:, None]
+        s_noty = s_noty * r + jnp.sum(jnp.where(is_y, 0.0, e), axis=1)
+        xy = xy + jnp.sum(jnp.where(is_y, x, 0.0), axis=1)
+        return (m_new, s_all * r + blk, s_wo1, s_noty, xy), None
+
+    zero = jnp.zeros((n,), cdt)
+    init = (jnp.full((n,), -jnp.inf, cdt), zero, zero, zero, zero)
+    starts = jnp.arange(w3.shape[0], dtype=jnp.int32) * vc
+    (m, s_all, s_wo1, s_noty, xy), _ = jax.lax.scan(step, init, (w3, b2, starts))
+    return jnp.where(code >= 0, m, 0.0), s_all, s_wo1, s_noty, xy
 
 
-def _chunk_grads(static: _Static, h: jax.Array, w: jax.Array, b: jax.Array | None, cw: jax.Array | None,
-                 eps: jax.Array, y: jax.Array, valid: jax.Array, g: jax.Array | None) -> tuple[Any, ...]:
-    """One chunk's loss and the gradients of Σ_i g_i ℓ_i (g = 1 where None): (loss, dh, dw, db, dcw, deps),
-    all in the compute dtype. dh is (g ⊙ unit gradient) @ w with the unit gradient rounded to the inputs'
-    dtype (it is O(1), so half precision neither underflows nor overflows); dw sums over the chunk in the
-    compute dtype."""
-    cdt = eps.dtype
-    x = _logits(h, w, b, cdt)
-    loss, vjp = jax.vjp(functools.partial(_chunk_loss, static, y, valid), x, cw, eps)
-    ones = jnp.ones_like(loss)
-    dx, dcw, deps = vjp(ones if g is None else g)
-    dn = (((0,), (0,)), ((), ()))
-    dw = jax.lax.dot_general(dx, h.astype(cdt), dn, preferred_element_type=cdt)
-    db = None if b is None else jnp.sum(dx, axis=0)
-    if h.dtype == cdt:
-        dh = jax.lax.dot_general(dx, w, (((1,), (0,)), ((), ())), preferred_element_type=cdt)
+def _dense_terms(static, x, cls, real, code, m, s, s_wo1, cwb, eps, rs):
+    """Per class of a block, for the smoothed loss: p, 1-p, κ, the focal term F = -(1-p)^γ log p, the class
+    weight (0 beyond V) and w_k q_k times the row scale (as ``softmax_focal_loss``'s dense kernel)."""
+    gamma, gamma_int, v = static[0], static[1], static[5]
+    z = jnp.where(real, x - m[:, None], 0.0)
+    e = jnp.where(real, jnp.exp(z), 0.0)
+    at_max = (z == 0) & real
+    others = jnp.where(at_max, s_wo1[:, None], s[:, None] - e)
+    logp, log1mp, omp = _softmax._log_parts(others, s[:, None], z)
+    p = e / s[:, None]
+    mod, kappa = _softmax._modulator_and_kappa(p, logp, log1mp, omp, gamma, gamma_int)
+    f = -(mod * logp)
+    wk = real.astype(x.dtype) if cwb is None else jnp.where(real, cwb, 0.0)
+    is_y = cls[None, :] == code[:, None]
+    q = jnp.where(is_y, 1.0 - eps + eps / v, eps / v)
+    wq = jnp.where(real, wk * q * rs[:, None], 0.0)
+    return p, omp, kappa, f, wk, wq, is_y
+
+
+def _forward(static: _Static, h, w3, b2, cw2, eps, code, rs):
+    """Per-position loss and what the backward pass needs of each position."""
+    smoothing, vc, v = static[2], static[4], static[5]
+    m, s_all, s_wo1, s_noty, xy = _stats(static, h, w3, b2, code)
+    if not smoothing:
+        z_y = jnp.where(code >= 0, xy - m, 0.0)
+        s = s_noty + jnp.exp(z_y)
+        logp, log1mp, omp = _softmax._log_parts(s_noty, s, z_y)
+        mod, kappa = _softmax._modulator_and_kappa(jnp.exp(logp), logp, log1mp, omp, static[0], static[1])
+        f = -(mod * logp)
+        wy = rs if cw2 is None else rs * cw2.reshape(-1)[jnp.maximum(code, 0)]
+        # dℓ/dx_k = a (δ_ky (1 - p_y) - (1 - δ_ky) p_k), a = w_y κ_y
+        return wy * f, (m, s, s_noty, wy * kappa, jnp.where(code >= 0, f, 0.0))
+    cdt = s_all.dtype
+    starts = jnp.arange(w3.shape[0], dtype=jnp.int32) * vc
+
+    def step(carry, xs):
+        loss, sum_a, t, wfy = carry
+        wb, bb, cwb, start = xs
+        cls, real = _classes(start, vc, v)
+        x = _block_logits(h, wb, bb, real, cdt)
+        p, omp, kappa, f, wk, wq, is_y = _dense_terms(static, x, cls, real, code, m, s_all, s_wo1, cwb, eps, rs)
+        wf = jnp.where(real, wk * f, 0.0)
+        return (loss + jnp.sum(wq * f, axis=1), sum_a + jnp.sum(wq * kappa, axis=1), t + jnp.sum(wf, axis=1),
+                wfy + jnp.sum(jnp.where(is_y, wf, 0.0), axis=1)), None
+
+    zero = jnp.zeros(code.shape, cdt)
+    (loss, sum_a, t, wfy), _ = jax.lax.scan(step, (zero, zero, zero, zero), (w3, b2, cw2, starts))
+    # dℓ/dε = Σ_k w_k F_k / V - w_y F_y
+    return loss, (m, s_all, s_wo1, sum_a, rs * (t / v - wfy))
+
+
+def _backward(static: _Static, h, w3, b2, cw2, eps, code, rs, saved, ct):
+    """Recomputes each class block's logits, forms their gradient (times the cotangent ``ct`` per position)
+    and multiplies it into the gradients of the hidden states, of the block's weight rows and of its bias."""
+    smoothing, vc, v, hdt = static[2], static[4], static[5], static[6]
+    cdt = saved[0].dtype
+    h32 = h.astype(cdt)
+    starts = jnp.arange(w3.shape[0], dtype=jnp.int32) * vc
+
+    def step(dh, xs):
+        wb, bb, cwb, start = xs
+        cls, real = _classes(start, vc, v)
+        x = _block_logits(h, wb, bb, real, cdt)
+        dcw = None
+        if not smoothing:
+            m, s, others, a, _ = saved
+            per_e = a / s
+            e = jnp.exp(x - m[:, None])
+            unit = jnp.where(cls[None, :] == code[:, None], (per_e * others)[:, None], -e * per_e[:, None])
+        else:
+            m, s, s_wo1, sum_a, _ = saved
+            p, omp, kappa, f, _, wq, _ = _dense_terms(static, x, cls, real, code, m, s, s_wo1, cwb, eps, rs)
+            a = wq * kappa
+            unit = a * omp - p * (sum_a[:, None] - a)
+            if cwb is not None:  # dℓ/dw_k = q_k F_k
+                q = jnp.where(real, jnp.where(cls[None, :] == code[:, None], 1.0 - eps + eps / v, eps / v), 0.0)
+                dcw = jnp.sum((ct * rs)[:, None] * q * f, axis=0)
+        dx = ct[:, None] * unit
+        dw = jax.lax.dot_general(dx, h32, (((0,), (0,)), ((), ())), preferred_element_type=cdt)
+        dh = dh + jax.lax.dot_general(unit.astype(hdt), wb, (((1,), (0,)), ((), ())), preferred_element_type=cdt)
+        db = None if bb is None else jnp.sum(dx, axis=0)
+        return dh, (dw, db, dcw)
+
+    dh0 = jnp.zeros(h.shape, cdt)
+    dh, (dw, db, dcw) = jax.lax.scan(step, dh0, (w3, b2, cw2, starts))
+    dh = dh * ct[:, None]
+    if cw2 is not None and not smoothing:
+        f = saved[4]
+        dcw = jnp.zeros((w3.shape[0] * vc,), cdt).at[jnp.maximum(code, 0)].add(ct * rs * f).reshape(w3.shape[0], vc)
+    deps = jnp.sum(ct * saved[4]) if smoothing else jnp.zeros((), cdt)
+    return dh, dw, db, dcw, deps
+
+
+def _row_chunks(a: Any, rows: int) -> Any:
+    return None if a is None else a.reshape((a.shape[0] // rows, rows) + a.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(static: _Static, h, w3, b2, cw2, eps, code, rs):
+    """Per-position loss of the (position-padded, class-blocked) inputs."""
+    return _fused_fwd(static, h, w3, b2, cw2, eps, code, rs)[0]
+
+
+def _fused_fwd(static, h, w3, b2, cw2, eps, code, rs):
+    rows = static[3]
+    if h.shape[0] == rows:
+        loss, saved = _forward(static, h, w3, b2, cw2, eps, code, rs)
     else:
-        unit = dx if g is None else vjp(ones)[0]
-        dh = jax.lax.dot_general(unit.astype(h.dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=cdt)
-        if g is not None:
-            dh = dh * g[:, None]
-    return loss, dh, dw, db, dcw, deps
+        loss, saved = jax.lax.map(lambda xs: _forward(static, xs[0], w3, b2, cw2, eps, xs[1], xs[2]),
+                                  (_row_chunks(h, rows), _row_chunks(code, rows), _row_chunks(rs, rows)))
+        loss, saved = loss.reshape(-1), jax.tree.map(lambda a: a.reshape(-1), saved)
+    return loss, (h, w3, b2, cw2, eps, code, rs, saved)
 
 
-def _scan_grads(static: _Static, h, w, b, cw, eps, y, valid, g):
-    """Runs :func:`_chunk_grads` over every chunk: (per-position loss, dh, dw, db, dcw, deps)."""
-    chunk, cdt = static[2], eps.dtype
-    zeros = (jnp.zeros(w.shape, cdt), None if b is None else jnp.zeros_like(b),
-             None if cw is None else jnp.zeros_like(cw), jnp.zeros_like(eps))
+def _fused_bwd(static, res, ct):
+    h, w3, b2, cw2, eps, code, rs, saved = res
+    rows, hdt = static[3], static[6]
+    if h.shape[0] == rows:
+        dh, dw, db, dcw, deps = _backward(static, h, w3, b2, cw2, eps, code, rs, saved, ct)
+    else:
+        # chunks of positions: the weight's (and bias', class weights') gradient is summed over them
+        def step(acc, xs):
+            hc, cc, rc, sc, tc = xs
+            dh, *grads = _backward(static, hc, w3, b2, cw2, eps, cc, rc, sc, tc)
+            return jax.tree.map(jnp.add, acc, tuple(grads)), dh
 
-    def step(acc, xs):
-        hc, yc, vc, gc = xs
-        loss, dh, dw, db, dcw, deps = _chunk_grads(static, hc, w, b, cw, eps, yc, vc, gc)
-        acc = jax.tree.map(jnp.add, acc, (dw, db, dcw, deps))
-        return acc, (loss, dh)
-
-    xs = (_chunks(h, chunk), _chunks(y, chunk), _chunks(valid, chunk), None if g is None else _chunks(g, chunk))
-    (dw, db, dcw, deps), (loss, dh) = jax.lax.scan(step, zeros, xs)
-    return loss.reshape(-1), dh.reshape(h.shape), dw, db, dcw, deps
-
-
-def _scan_loss(static: _Static, h, w, b, cw, eps, y, valid) -> jax.Array:
-    """The per-position loss, one chunk's logits at a time (one matmul per chunk, no gradient)."""
-    chunk, cdt = static[2], eps.dtype
-
-    def one(xs):
-        hc, yc, vc = xs
-        return _chunk_loss(static, yc, vc, _logits(hc, w, b, cdt), cw, eps)
-
-    return jax.lax.map(one, (_chunks(h, chunk), _chunks(y, chunk), _chunks(valid, chunk))).reshape(-1)
+        cdt = rs.dtype
+        zeros = (jnp.zeros(w3.shape, cdt), None if b2 is None else jnp.zeros_like(b2),
+                 None if cw2 is None else jnp.zeros_like(cw2), jnp.zeros((), cdt))
+        xs = (_row_chunks(h, rows), _row_chunks(code, rows), _row_chunks(rs, rows),
+              jax.tree.map(lambda a: _row_chunks(a, rows), saved), _row_chunks(ct, rows))
+        (dw, db, dcw, deps), dh = jax.lax.scan(step, zeros, xs)
+        dh = dh.reshape(h.shape)
+    return dh.astype(hdt), dw.astype(hdt), db, dcw, deps.astype(eps.dtype), None, None
 
 
-# Σ_i ℓ_i, its gradients formed in the forward pass and scaled in the backward pass.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_sum(static, h, w, b, cw, eps, y, valid):
-    return jnp.sum(_scan_loss(static, h, w, b, cw, eps, y, valid))
-
-
-def _fused_sum_fwd(static, h, w, b, cw, eps, y, valid):
-    loss, dh, dw, db, dcw, deps = _scan_grads(static, h, w, b, cw, eps, y, valid, None)
-    return jnp.sum(loss), (dh, dw, db, dcw, deps)
-
-
-def _fused_sum_bwd(static, res, ct):
-    dh, dw, db, dcw, deps = jax.tree.map(lambda d: d * ct, res)
-    return dh.astype(static[3]), dw.astype(static[3]), db, dcw, deps, None, None
-
-
-_fused_sum.defvjp(_fused_sum_fwd, _fused_sum_bwd)
-
-
-# The per-position loss; the backward pass recomputes each chunk's logits.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_none(static, h, w, b, cw, eps, y, valid):
-    return _scan_loss(static, h, w, b, cw, eps, y, valid)
-
-
-def _fused_none_fwd(static, h, w, b, cw, eps, y, valid):
-    return _scan_loss(static, h, w, b, cw, eps, y, valid), (h, w, b, cw, eps, y, valid)
-
-
-def _fused_none_bwd(static, res, ct):
-    h, w, b, cw, eps, y, valid = res
-    _, dh, dw, db, dcw, deps = _scan_grads(static, h, w, b, cw, eps, y, valid, ct)
-    return dh.astype(h.dtype), dw.astype(w.dtype), db, dcw, deps, None, None
-
-
-_fused_none.defvjp(_fused_none_fwd, _fused_none_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def linear_softmax_focal_loss(
@@ -221,47 +298,50 @@ def linear_softmax_focal_loss(
         where_shape=_common.shape_of(where), where_dtype=_common.dtype_of(where), bias_dtype=_common.dtype_of(bias),
     )
     cdt = _common.compute_dtype(hidden.dtype)
-    n, d, chunk = opts.n_positions, opts.hidden_dim, opts.chunk_size
-    h = hidden.reshape(n, d)
+    n, d, v = opts.n_positions, opts.hidden_dim, opts.num_classes
+    rows, vc = (focal_spec.pick_blocks(n, d, v, hidden.dtype.itemsize) if chunk_size is None
+                else (opts.chunk_size, focal_spec.class_block(opts.chunk_size, v)))
+    rows = max(min(rows, n), 1)
     y = labels.reshape(n)
     valid = jnp.ones((n,), bool) if where is None else jnp.broadcast_to(jnp.asarray(where, bool),
                                                                          opts.positions).reshape(n)
+    counted, in_range = _common.label_masks(y, opts.ignore_index, v)
+    valid = valid & counted
+    # the row scale: 1 at counted positions, 0 elsewhere, NaN at a counted label outside [0, V)
+    rs = jnp.where(valid & ~in_range, jnp.nan, valid.astype(cdt)).astype(cdt)
+    code = jnp.where(valid & in_range, y.astype(jnp.int32), -1)
     b = None if bias is None else jnp.asarray(bias, cdt)
     cw = None if class_weight is None else jnp.asarray(class_weight, cdt)
     eps = jnp.asarray(label_smoothing, cdt)
-    pad = -n % chunk
+    if n == 0 or v == 0:  # nothing to chunk: the logits are empty
+        x = _block_logits(hidden.reshape(n, d), weight, b, jnp.ones((v,), bool), cdt)
+        return softmax_focal_loss(x.reshape(opts.positions + (v,)), labels, gamma=opts.gamma, weight=cw,
+                                  ignore_index=opts.ignore_index, label_smoothing=eps, where=where,
+                                  reduction=opts.reduction, axis_name=axis_name).astype(hidden.dtype)
+    # masked positions' hidden states never reach the arithmetic (NaN or inf there gives a zero gradient)
+    h = jnp.where(valid[:, None], hidden.reshape(n, d), jnp.zeros((), hidden.dtype))
+    pad = -n % rows
     if pad:
         h = jnp.concatenate([h, jnp.zeros((pad, d), h.dtype)])
-        y = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-        valid = jnp.concatenate([valid, jnp.zeros((pad,), bool)])
-    static = (opts.gamma, opts.ignore_index, chunk, opts.hidden_dtype)
+        code = jnp.concatenate([code, jnp.full((pad,), -1, code.dtype)])
+        rs = jnp.concatenate([rs, jnp.zeros((pad,), cdt)])
+    nb, vpad = -(-v // vc), -v % vc
+    w = weight if not vpad else jnp.concatenate([weight, jnp.zeros((vpad, d), weight.dtype)])
+    b2 = None if b is None else (b if not vpad else jnp.concatenate([b, jnp.zeros((vpad,), cdt)])).reshape(nb, vc)
+    cw2 = None if cw is None else (cw if not vpad else jnp.concatenate([cw, jnp.zeros((vpad,), cdt)])).reshape(nb, vc)
+    smoothing = opts.label_smoothing is None or opts.label_smoothing != 0.0
+    static = (opts.gamma, opts.gamma_int, smoothing, rows, vc, v, jnp.dtype(hidden.dtype))
+    loss = _fused(static, h, w.reshape(nb, vc, d), b2, cw2, eps, code, rs)[:n]
     if opts.reduction == "none":
-        loss = _fused_none(static, h, weight, b, cw, eps, y, valid)
-        return loss[:n].reshape(opts.positions).astype(hidden.dtype)
-    total = _fused_sum(static, h, weight, b, cw, eps, y, valid)
+        return loss.reshape(opts.positions).astype(hidden.dtype)
+    total = jnp.sum(loss)
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
     if opts.reduction == "sum":
         return total.astype(hidden.dtype)
-    count = _denominator(labels.reshape(n), valid[:n], cw, opts)
+    count = jnp.sum(rs if cw is None else rs * cw[jnp.clip(code, 0, v - 1)])
     if axis_name is not None:
         count = jax.lax.psum(count, axis_name)
     nothing = count == 0
     mean = jnp.where(nothing, jnp.zeros_like(total), total / jnp.where(nothing, jnp.ones_like(count), count))
     return mean.astype(hidden.dtype)
-
-
-def _denominator(y: jax.Array, valid: jax.Array, cw: jax.Array | None, opts: focal_spec.LinearOptions) -> jax.Array:
-    """Σ w[y_i] over counted positions (their number without ``class_weight``); NaN with a counted label
-    outside [0, V), as ``softmax_focal_loss``'s."""
-    counted, in_range = _common.label_masks(y, opts.ignore_index, opts.num_classes)
-    valid = valid & counted
-    cdt = jnp.dtype(opts.compute_dtype)
-    if cw is None:
-        wy = valid.astype(cdt)
-    else:
-        wy = jnp.where(valid & in_range, cw[jnp.clip(y.astype(jnp.int32), 0, max(opts.num_classes - 1, 0))]
-                       if opts.num_classes else jnp.zeros(y.shape, cdt), jnp.zeros((), cdt))
-    wy = jnp.where(valid & ~in_range, jnp.full((), jnp.nan, cdt), wy)
-    return jnp.sum(wy)
-
