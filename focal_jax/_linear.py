@@ -53,7 +53,6 @@ def _stats(static: _Static, h, w3, b2, code):
     over every class but one arg-max (cancellation-free 1 - p at the arg-max), Σ_{k≠y} e_k and x_y. Sums are
     rescaled when a block raises the running maximum."""
     vc, v, cdt = static[4], static[5], h.dtype if h.dtype == jnp.float64 else jnp.float32
-    n = h.shape[0]
 
     def step(carry, xs):
         m, s_all, s_wo1, s_noty, xy = carry
@@ -74,8 +73,8 @@ def _stats(static: _Static, h, w3, b2, code):
         xy = xy + jnp.sum(jnp.where(is_y, x, 0.0), axis=1)
         return (m_new, s_all * r + blk, s_wo1, s_noty, xy), None
 
-    zero = jnp.zeros((n,), cdt)
-    init = (jnp.full((n,), -jnp.inf, cdt), zero, zero, zero, zero)
+    zero = jnp.zeros_like(code, cdt)  # of the positions' type (varying inside shard_map)
+    init = (zero - jnp.inf, zero, zero, zero, zero)
     starts = jnp.arange(w3.shape[0], dtype=jnp.int32) * vc
     (m, s_all, s_wo1, s_noty, xy), _ = jax.lax.scan(step, init, (w3, b2, starts))
     return jnp.where(code >= 0, m, 0.0), s_all, s_wo1, s_noty, xy
@@ -126,7 +125,7 @@ def _forward(static: _Static, h, w3, b2, cw2, eps, code, rs):
         return (loss + jnp.sum(wq * f, axis=1), sum_a + jnp.sum(wq * kappa, axis=1), t + jnp.sum(wf, axis=1),
                 wfy + jnp.sum(jnp.where(is_y, wf, 0.0), axis=1)), None
 
-    zero = jnp.zeros(code.shape, cdt)
+    zero = jnp.zeros_like(code, cdt)
     (loss, sum_a, t, wfy), _ = jax.lax.scan(step, (zero, zero, zero, zero), (w3, b2, cw2, starts))
     # dℓ/dε = Σ_k w_k F_k / V - w_y F_y
     return loss, (m, s_all, s_wo1, sum_a, rs * (t / v - wfy))
@@ -164,7 +163,7 @@ def _backward(static: _Static, h, w3, b2, cw2, eps, code, rs, saved, ct):
         db = None if bb is None else jnp.sum(dx, axis=0)
         return dh, (dw, db, dcw)
 
-    dh0 = jnp.zeros(h.shape, cdt)
+    dh0 = jnp.zeros_like(h, cdt)
     dh, (dw, db, dcw) = jax.lax.scan(step, dh0, (w3, b2, cw2, starts))
     dh = dh * ct[:, None]
     if cw2 is not None and not smoothing:
@@ -172,6 +171,21 @@ def _backward(static: _Static, h, w3, b2, cw2, eps, code, rs, saved, ct):
         dcw = jnp.zeros((w3.shape[0] * vc,), cdt).at[jnp.maximum(code, 0)].add(ct * rs * f).reshape(w3.shape[0], vc)
     deps = jnp.sum(ct * saved[4]) if smoothing else jnp.zeros((), cdt)
     return dh, dw, db, dcw, deps
+
+
+def _varying_alike(*args: Any) -> tuple[Any, ...]:
+    """Inside ``shard_map``, every argument made varying over the mapped axes that any of them varies over, so
+    that each cotangent has its input's type (the replicated weight's is then summed over the devices by
+    ``pcast``'s transpose, as for any replicated input)."""
+    vma = [frozenset() if a is None else _varying(jax.typeof(a)) for a in args]
+    axes = frozenset().union(*vma)
+    return tuple(a if a is None or not (axes - m) else jax.lax.pcast(a, tuple(sorted(axes - m)), to="varying")
+                 for a, m in zip(args, vma, strict=True))
+
+
+def _varying(aval: Any) -> frozenset:
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
 
 
 def _row_chunks(a: Any, rows: int) -> Any:
@@ -207,9 +221,9 @@ def _fused_bwd(static, res, ct):
             dh, *grads = _backward(static, hc, w3, b2, cw2, eps, cc, rc, sc, tc)
             return jax.tree.map(jnp.add, acc, tuple(grads)), dh
 
-        cdt = rs.dtype
-        zeros = (jnp.zeros(w3.shape, cdt), None if b2 is None else jnp.zeros_like(b2),
-                 None if cw2 is None else jnp.zeros_like(cw2), jnp.zeros((), cdt))
+        z = jnp.sum(jnp.zeros_like(rs))  # 0 of the positions' type (varying inside shard_map)
+        zeros = (jnp.zeros(w3.shape, z.dtype) + z, None if b2 is None else jnp.zeros_like(b2) + z,
+                 None if cw2 is None else jnp.zeros_like(cw2) + z, z)
         xs = (_row_chunks(h, rows), _row_chunks(code, rows), _row_chunks(rs, rows),
               jax.tree.map(lambda a: _row_chunks(a, rows), saved), _row_chunks(ct, rows))
         (dw, db, dcw, deps), dh = jax.lax.scan(step, zeros, xs)
@@ -286,9 +300,9 @@ def linear_softmax_focal_loss(
       >>> weight = jnp.array([[2.0, 0.0], [0.0, 1.0], [-1.0, 1.0]])
       >>> labels = jnp.array([0, 1, 2])
       >>> print(f"{focal_jax.linear_softmax_focal_loss(hidden, weight, labels, chunk_size=2):.4f}")
-      1.0185
+      0.7618
       >>> print(f"{focal_jax.softmax_focal_loss(hidden @ weight.T, labels):.4f}")
-      1.0185
+      0.7618
     """
     hidden, weight, labels = _common.as_array(hidden), _common.as_array(weight), _common.as_array(labels)
     opts = focal_spec.linear_options(
@@ -331,7 +345,7 @@ def linear_softmax_focal_loss(
     cw2 = None if cw is None else (cw if not vpad else jnp.concatenate([cw, jnp.zeros((vpad,), cdt)])).reshape(nb, vc)
     smoothing = opts.label_smoothing is None or opts.label_smoothing != 0.0
     static = (opts.gamma, opts.gamma_int, smoothing, rows, vc, v, jnp.dtype(hidden.dtype))
-    loss = _fused(static, h, w.reshape(nb, vc, d), b2, cw2, eps, code, rs)[:n]
+    loss = _fused(static, *_varying_alike(h, w.reshape(nb, vc, d), b2, cw2, eps, code, rs))[:n]
     if opts.reduction == "none":
         return loss.reshape(opts.positions).astype(hidden.dtype)
     total = jnp.sum(loss)
