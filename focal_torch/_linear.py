@@ -107,7 +107,7 @@ def _sweep(x, weight, bias, cw, y, cot, o: _Opts, want: tuple[bool, bool, bool, 
     db = torch.zeros(v, dtype=cd, device=x.device) if want_b else None
     dcw = torch.zeros(v, dtype=cd, device=x.device) if want_cw else None
     a, b = 1.0 - o.eps, o.eps / v if v else 0.0
-    cot_t = isinstance(cot, torch.Tensor)
+    cot_t = isinstance(cot, torch.Tensor) and cot.dim() > 0  # per position (else a number or a 0-d tensor)
     rows = max(min(o.rows, n), 1)
     # one chunk's logits (and their gradient, in place), allocated once: fresh pages for each chunk cost as much
     # as the softmax

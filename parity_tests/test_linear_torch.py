@@ -411,3 +411,52 @@ def test_default_chunk():
     for n, v in ((2048, 32768), (512, 131072), (8192, 262144), (64, 10**6)):
         rows = _linear.pick_rows(n, v)
         assert 1 <= rows <= n and (rows * v * 4 <= n * v * 4 / 10 or rows == min(n, 8))
+
+
+# ----------------------------------------------------------------------------------------
+# process_group: two gloo ranks (file store), each with half of the batch and unequal ignored positions.
+# ----------------------------------------------------------------------------------------
+
+
+def _pg_batch():
+    x, w, b, y, cw, _ = _data(n=12, seed=11, ignore=(0, 7, 8, 10))
+    return x, w, b, y, cw
+
+
+def _pg_worker(rank: int, store: str, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        x, w, b, y, cw = _pg_batch()
+        rows = slice(rank * 6, rank * 6 + 6)
+        out = {}
+        for name, fn in (("fused", focal_torch.linear_softmax_focal_loss), ("unfused", _unfused)):
+            xl, wl, bl = _leaves(x[rows], w, b)
+            val = fn(xl, wl, y[rows], bias=bl, class_weight=cw, gamma=2.0, process_group=dist.group.WORLD,
+                     chunk_size=4)
+            val.backward()
+            out[name] = (val.detach(), xl.grad, wl.grad, bl.grad)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_process_group_global_mean(tmp_path):
+    """Each rank's value and gradients equal the unfused loss's with the same group, and the ranks' average of the
+    weight's gradient (what DDP applies) is the gradient of the global-batch mean."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_pg_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        for a, c in zip(r["fused"], r["unfused"], strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-15)
+    x, w, b, y, cw = _pg_batch()
+    wl = w.clone().requires_grad_()
+    focal_torch.linear_softmax_focal_loss(x, wl, y, bias=b, class_weight=cw, gamma=2.0).backward()
+    torch.testing.assert_close((ranks[0]["fused"][2] + ranks[1]["fused"][2]) / 2, wl.grad, rtol=1e-12, atol=1e-15)
