@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "figures")
     args = parser.parse_args(argv)
     if args.quick:
-        v, n, f, d, steps = 2048, 64, 16, 16, 6
-        mem_n, mem_d, mem_vs, torch_vs = 256, 64, [4096, 8192, 16384], []
+        v, n, f, d, steps = 1024, 32, 8, 16, 4
+        mem_n, mem_d, mem_vs, torch_vs = 256, 64, [4096, 16384], []
     else:
         v, n, f, d, steps = 32768, 256, 32, 64, 40
         mem_n, mem_d = 8192, 512

@@ -48,6 +48,8 @@ BLOCK_BYTES = 4 * 2**20
 """Bytes of float32 logits of one (positions, classes) block for a backend that blocks both axes."""
 BLOCK_ROWS = 8192
 """The most positions ``pick_blocks`` puts in one chunk."""
+BLOCK_FRACTION = 16
+"""... and at most 1/16 of the classes (at least 16 blocks where the classes allow it)."""
 MIN_BLOCK_CLASSES = 128
 """The fewest classes ``class_block`` puts in one block (fewer only when there are fewer classes)."""
 
@@ -100,15 +102,15 @@ def pick_chunk_size(n_positions: int, hidden_dim: int, n_classes: int, itemsize:
 
 
 def class_block(rows: int, n_classes: int) -> int:
-    """Classes per block so that a block's float32 logits take about ``BLOCK_BYTES``: at least
-    ``MIN_BLOCK_CLASSES``, at most ``n_classes``; a divisor of ``n_classes`` where one lies within a factor 2
-    below that size (no padding of the weight then).
+    """Classes per block so that a block's float32 logits take about ``BLOCK_BYTES`` and at most
+    ``1/BLOCK_FRACTION`` of the classes, but at least ``MIN_BLOCK_CLASSES`` and at most ``n_classes``; a
+    divisor of ``n_classes`` where one lies within a factor 2 below that size (no padding of the weight then).
 
-    >>> class_block(2048, 32768), class_block(512, 131072), class_block(64, 50), class_block(2048, 50000)
-    (512, 2048, 50, 500)
+    >>> class_block(2048, 32768), class_block(512, 131072), class_block(64, 50), class_block(256, 4096)
+    (512, 2048, 50, 256)
     """
     v = max(int(n_classes), 1)
-    size = max(BLOCK_BYTES // (4 * max(int(rows), 1)), MIN_BLOCK_CLASSES)
+    size = max(min(BLOCK_BYTES // (4 * max(int(rows), 1)), v // BLOCK_FRACTION), MIN_BLOCK_CLASSES)
     if size >= v:
         return v
     for c in range(size, size // 2, -1):
