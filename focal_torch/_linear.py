@@ -93,16 +93,19 @@ def _chunk_smooth(z: torch.Tensor, yk: torch.Tensor, cw: torch.Tensor | None, co
     return loss, grad_z, f
 
 
-def _sweep(x, weight, bias, cw, y, cot, o: _Opts, want: tuple[bool, bool, bool, bool]):
-    """Every chunk of positions: (ℓ per position with the class weights (compute dtype), dℓ/dx, dℓ/dW, dℓ/db,
-    dℓ/dw of Σ cot·ℓ, each None unless ``want``-ed). ``cot`` is a number or a (n,) tensor."""
+def _sweep(x, weight, bias, cw, y, idx, cot, o: _Opts, want: tuple[bool, bool, bool, bool]):
+    """Every chunk of the positions ``idx`` of ``x`` (None: all): (ℓ per position with the class weights (compute
+    dtype), dℓ/dx (of ``x``'s shape, zero outside ``idx``), dℓ/dW, dℓ/db, dℓ/dw of Σ cot·ℓ, each None unless
+    ``want``-ed). ``y`` and a (n,) ``cot`` are those of the positions ``idx``; ``cot`` may be a number or 0-d."""
     want_x, want_w, want_b, want_cw = want
     grad = any(want)
-    n, v = x.shape[0], weight.shape[0]
+    n, v = y.shape[0], weight.shape[0]
     cd = o.cdtype
     loss = torch.empty(n, dtype=cd, device=x.device)
     acc = torch.promote_types(weight.dtype, cd)  # the weight's gradient is summed over chunks in float32 or wider
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if want_x else None
+    dx = None
+    if want_x:
+        dx = (torch.empty_like if idx is None else torch.zeros_like)(x, memory_format=torch.contiguous_format)
     dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_w else None
     db = torch.zeros(v, dtype=cd, device=x.device) if want_b else None
     dcw = torch.zeros(v, dtype=cd, device=x.device) if want_cw else None
@@ -116,7 +119,7 @@ def _sweep(x, weight, bias, cw, y, cot, o: _Opts, want: tuple[bool, bool, bool, 
     wt = weight.t()
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        xr = x[start:stop]
+        xr = x[start:stop] if idx is None else x.index_select(0, idx[start:stop])
         yr = y[start:stop]
         yk = yr.unsqueeze(1)
         cr = cot[start:stop].unsqueeze(1) if cot_t else cot
@@ -143,7 +146,10 @@ def _sweep(x, weight, bias, cw, y, cot, o: _Opts, want: tuple[bool, bool, bool, 
             db.add_(gz.sum(0))
         gh = gz if half is None else zo.copy_(gz)  # the matmuls run in the input's dtype
         if want_x:
-            torch.mm(gh, weight, out=dx[start:stop])
+            if idx is None:
+                torch.mm(gh, weight, out=dx[start:stop])
+            else:
+                dx.index_copy_(0, idx[start:stop], gh @ weight)
         if want_w:
             if dw.dtype == x.dtype:
                 dw.addmm_(gh.t(), xr)
@@ -173,14 +179,12 @@ class _LinearFocal(torch.autograd.Function):
         ctx.o = o
         ctx.want = want
         with torch.no_grad(), C.no_autocast(x.device):
-            xs = x if idx is None else x.index_select(0, idx)  # the counted positions
             if o.reduction == "none":
-                loss, *_ = _sweep(xs, weight, bias, cw, y, 1.0, o, (False,) * 4)
+                loss, *_ = _sweep(x, weight, bias, cw, y, idx, 1.0, o, (False,) * 4)
                 ctx.save_for_backward(x, weight, bias, cw, y, idx, rw)
                 return loss if rw is None else loss * rw
-            loss, dx, dw, db, dcw = _sweep(xs, weight, bias, cw, y, scale if rw is None else rw * scale, o, want)
-            if dx is not None and idx is not None:
-                dx = torch.zeros_like(x, memory_format=torch.contiguous_format).index_copy_(0, idx, dx)
+            loss, dx, dw, db, dcw = _sweep(x, weight, bias, cw, y, idx, scale if rw is None else rw * scale, o,
+                                           want)
             if rw is not None:
                 loss = loss * rw
             total = loss.sum(dtype=torch.float64).to(o.cdtype) * scale
@@ -198,10 +202,8 @@ class _LinearFocal(torch.autograd.Function):
             x, weight, bias, cw, y, idx, rw = ctx.saved_tensors
             cot = grad_out.to(o.cdtype)
             with C.no_autocast(x.device):
-                xs = x if idx is None else x.index_select(0, idx)
-                _, dx, dw, db, dcw = _sweep(xs, weight, bias, cw, y, cot if rw is None else cot * rw, o, ctx.want)
-            if dx is not None and idx is not None:
-                dx = torch.zeros_like(x, memory_format=torch.contiguous_format).index_copy_(0, idx, dx)
+                _, dx, dw, db, dcw = _sweep(x, weight, bias, cw, y, idx, cot if rw is None else cot * rw, o,
+                                            ctx.want)
             return *_in_dtypes((dx, dw, db, dcw), (x, weight, bias, cw)), *tail
         grads = ctx.saved_tensors
         if not C.is_compiling() and all(g is None or C.hand_over(g, grad_out, g.dtype) for g in grads):
