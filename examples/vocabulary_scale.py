@@ -8,8 +8,8 @@ coincide step by step.
 
 Then the memory of one training step's loss (forward + backward wrt hidden and weight) against V, fused and
 unfused: JAX, the compiled temporaries of the jitted step (``memory_analysis``, nothing is run); PyTorch, the
-growth of the peak resident set of a fresh process running one step. V goes from 4k to the largest V whose
-unfused step fits the budget (24 GiB, a 2-core machine's RAM; ``--quick``: small).
+peak resident set of a fresh process running one step, over its resident set before the step. V goes from 4k
+to the largest V whose unfused step fits the budget (24 GiB, a 2-core machine's RAM; ``--quick``: small).
 
 Writes ``vocabulary_scale.png`` and ``vocabulary_scale.md`` to ``--out`` (default ``examples/figures``).
 
@@ -132,7 +132,10 @@ n, d, v, fused = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[
 g = torch.Generator().manual_seed(0)
 h = torch.randn(n, d, generator=g).requires_grad_(); w = (torch.randn(v, d, generator=g) / d**0.5).requires_grad_()
 y = torch.randint(0, v, (n,), generator=g)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import gc, os
+gc.collect()
+with open("/proc/self/statm") as f:  # the resident set now (the peak so far may hold freed setup arrays)
+    before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 if fused:
     loss = focal_torch.linear_softmax_focal_loss(h, w, y, gamma=2.0)
 else:

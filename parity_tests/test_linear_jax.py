@@ -98,6 +98,7 @@ CASES = [
     dict(gamma=0.5, reduction="sum", label_smoothing=0.0, bias=True, cw=True, where=False, block=5, chunk=100),
     dict(gamma=2.0, reduction="mean", label_smoothing=0.0, bias=False, cw=True, where=True, block=8, chunk=5),
     dict(gamma=0.0, reduction="none", label_smoothing=0.0, bias=False, cw=False, where=False, block=5, chunk=None),
+    dict(gamma=2.0, reduction="sum", label_smoothing=0.1, bias=True, cw=True, where=False, block=16, chunk=None, v=64),
 ]
 
 
@@ -173,7 +174,7 @@ def check(case: dict, dtype: str, inp: dict) -> None:
 @pytest.mark.parametrize("case", CASES, ids=H.case_id)
 def test_matches_float64_reference(case, blocks):
     blocks(case["block"])
-    check(case, "float32", make(H.seed_of(H.case_id(case))))
+    check(case, "float32", make(H.seed_of(H.case_id(case)), v=case.get("v", V)))
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=H.case_id)
