@@ -107,7 +107,7 @@ def jax_rows(n: int, d: int, v: int, rounds: int) -> tuple[list[dict], list[str]
 # ----------------------------------------------------------------------------------------
 
 TORCH_STEP = r'''
-import resource, sys, numpy as np, torch, torch.nn.functional as F
+import sys, numpy as np, torch, torch.nn.functional as F
 sys.path.insert(0, sys.argv[1])
 import focal_torch
 impl, n, d, v = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -125,13 +125,21 @@ def step():
     else:
         loss = F.cross_entropy(h @ w.T, y)
     loss.backward()
-    h.grad = w.grad = None
-import gc, os
+import gc
+
+
+def status(key):  # kB, from /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+step()  # warm-up: thread pools and the allocator's first growth are not the loss's
 gc.collect()
-with open("/proc/self/statm") as f:  # the resident set now (the peak so far may hold freed setup arrays)
-    before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the resident set now
+    f.write("5")
+before = status("VmRSS:")
 step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print((status("VmHWM:") - before) * 1024)
 '''
 
 

@@ -125,23 +125,34 @@ def jax_memory(n: int, d: int, v: int, fused: bool) -> int:
 
 
 TORCH_STEP = r'''
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, sys.argv[1])
 import focal_torch
 n, d, v, fused = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 g = torch.Generator().manual_seed(0)
 h = torch.randn(n, d, generator=g).requires_grad_(); w = (torch.randn(v, d, generator=g) / d**0.5).requires_grad_()
 y = torch.randint(0, v, (n,), generator=g)
-import gc, os
+def step():
+    if fused:
+        loss = focal_torch.linear_softmax_focal_loss(h, w, y, gamma=2.0)
+    else:
+        loss = focal_torch.softmax_focal_loss(h @ w.T, y, gamma=2.0)
+    loss.backward()
+import gc
+
+
+def status(key):  # kB, from /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+step()  # warm-up: thread pools and the allocator's first growth are not the loss's
 gc.collect()
-with open("/proc/self/statm") as f:  # the resident set now (the peak so far may hold freed setup arrays)
-    before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-if fused:
-    loss = focal_torch.linear_softmax_focal_loss(h, w, y, gamma=2.0)
-else:
-    loss = focal_torch.softmax_focal_loss(h @ w.T, y, gamma=2.0)
-loss.backward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the resident set now
+    f.write("5")
+before = status("VmRSS:")
+step()
+print((status("VmHWM:") - before) * 1024)
 '''
 
 
