@@ -100,7 +100,7 @@ def train_torch(x: np.ndarray, y: np.ndarray, params: dict, fused: bool, lr: flo
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
