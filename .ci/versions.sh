@@ -13,9 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Lower bounds: keep in step with pyproject.toml (parity_tests/test_versions.py checks that they agree).
-OLDEST=("torch==2.4.1" "jax==0.10.0" "jaxlib==0.10.0" "flax==0.12.0" "optax==0.2.4" "numpy==2.0.2")
-TEST_DEPS=("pytest>=8" "pytest-xdist>=3" "hypothesis>=6.100" "matplotlib>=3.7" "tqdm>=4.60")
+# Lower bounds (torch 2.4-2.7: Dynamo recompiles for each Python float γ; flax 0.12.0 does not import
+# with jax 0.10.0; optax 0.2.4 has no per-class α): keep in step with pyproject.toml (parity_tests/test_versions.py checks that they agree).
+OLDEST=("torch==2.8.0" "jax==0.10.0" "jaxlib==0.10.0" "flax==0.12.2" "optax==0.2.5" "numpy==2.0.2")
+TEST_DEPS=("pytest>=8" "pytest-xdist>=3" "hypothesis>=6.100" "matplotlib>=3.7" "tqdm>=4.60" "scikit-learn>=1.3")
 TORCH_TESTS=(
   parity_tests/test_torch_sigmoid_transforms.py
   parity_tests/test_torch_softmax_transforms.py

@@ -12,6 +12,7 @@ modules keep their class axis 1.
 
 from focal_jax._distributed import positive_normalizer
 from focal_jax._family import asymmetric_loss, class_balanced_weights, quality_focal_loss, varifocal_loss
+from focal_jax._linear import linear_softmax_focal_loss
 from focal_jax._original import ClassificationFocalLoss, SegmentationFocalLoss
 from focal_jax._sigmoid import sigmoid_focal_loss
 from focal_jax._softmax import softmax_focal_loss
@@ -22,6 +23,7 @@ __all__ = [
     "SegmentationFocalLoss",
     "asymmetric_loss",
     "class_balanced_weights",
+    "linear_softmax_focal_loss",
     "positive_normalizer",
     "quality_focal_loss",
     "sigmoid_focal_loss",

@@ -26,15 +26,28 @@ Softmax focal loss (multi-class), per position i, over the class axis:
 - mean = Σ loss / Σ w[y_i] over counted positions for integer labels (F.cross_entropy's
   weighted mean), and Σ loss / number of counted positions for probabilities
 
+Fused linear + softmax focal loss (``focal_spec.linear``): the softmax loss above on the logits
+hidden @ weight.T + bias, computed a chunk of positions at a time; its options are checked by
+``linear_options``.
+
 Both: a mean over zero counted elements is 0, not NaN. Half-precision inputs are computed
 in float32 and returned in their own dtype.
 """
 
 __version__ = "0.2.0"  # the one place the version is written besides pyproject.toml (a test checks they agree)
 
+from focal_spec import _linear as linear
 from focal_spec import _options as options
 from focal_spec import _reference as reference
 from focal_spec import _variants as variants
+from focal_spec._linear import (
+    LinearOptions,
+    check_chunk_size,
+    class_block,
+    linear_options,
+    pick_blocks,
+    pick_chunk_size,
+)
 from focal_spec._options import (
     ALPHA,
     FLOAT_DTYPES,
@@ -80,6 +93,7 @@ from focal_spec._validate import (
 from focal_spec._variants import FLSD_53, FamilyOptions, GammaSchedule, class_balanced_weights, family_options
 
 __all__ = [
+    "LinearOptions", "check_chunk_size", "class_block", "linear", "linear_options", "pick_blocks", "pick_chunk_size",
     "GAMMA_EXPECTED",
     "FLSD_53", "FamilyOptions", "GammaSchedule", "class_balanced_weights", "family_options", "variants",
     "ALPHA", "FLOAT_DTYPES", "GAMMA", "HALF_DTYPES", "IGNORE_INDEX", "JAX_CLASS_AXIS", "LABEL_SMOOTHING",

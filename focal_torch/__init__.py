@@ -15,6 +15,7 @@ from focal_torch._family import (
     quality_focal_loss,
     varifocal_loss,
 )
+from focal_torch._linear import LinearSoftmaxFocalLoss, linear_softmax_focal_loss
 from focal_torch._modules import SigmoidFocalLoss, SoftmaxFocalLoss
 from focal_torch._original import ClassificationFocalLoss, SegmentationFocalLoss
 from focal_torch._sigmoid import sigmoid_focal_loss
@@ -23,6 +24,7 @@ from focal_torch._softmax import softmax_focal_loss
 __all__ = [
     "AsymmetricLoss",
     "ClassificationFocalLoss",
+    "LinearSoftmaxFocalLoss",
     "QualityFocalLoss",
     "SegmentationFocalLoss",
     "SigmoidFocalLoss",
@@ -30,6 +32,7 @@ __all__ = [
     "VarifocalLoss",
     "asymmetric_loss",
     "class_balanced_weights",
+    "linear_softmax_focal_loss",
     "positive_normalizer",
     "quality_focal_loss",
     "sigmoid_focal_loss",

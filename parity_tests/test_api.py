@@ -9,10 +9,11 @@ import pytest
 import focal_spec
 
 # nn.Module wrappers of the functionals
-TORCH_ONLY = {"SigmoidFocalLoss", "SoftmaxFocalLoss", "AsymmetricLoss", "QualityFocalLoss", "VarifocalLoss"}
+TORCH_ONLY = {"SigmoidFocalLoss", "SoftmaxFocalLoss", "AsymmetricLoss", "QualityFocalLoss", "VarifocalLoss",
+              "LinearSoftmaxFocalLoss"}
 # Per-ecosystem names for the same thing: the class axis and the multi-device handle, and torch's
 # (input, target) positional names.
-RENAMED = {"axis": "dim", "axis_name": "process_group", "logits": "input", "targets": "target", "labels": "target"}
+RENAMED = {"axis": "dim", "axis_name": "process_group", "hidden": "input", "logits": "input", "targets": "target", "labels": "target"}
 
 
 def test_every_public_name_has_its_twin():
