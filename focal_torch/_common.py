@@ -21,7 +21,7 @@ SOFTPLUS_THRESHOLD = 40.0
 """``F.softplus`` returns x itself above this. 40 (not torch's default 20) keeps float64 exact:
 exp(-40) is below half an ulp of 40, while exp(-20) is not."""
 
-CHUNK = 1 << 17
+CHUNK = 1 << 16
 """Elements per piece and per intra-op thread in the eager elementwise kernels. Large inputs are
 processed piece by piece, so that the temporaries stay in cache and are recycled by the allocator
 instead of being faulted in afresh. (Measured on 2 CPU cores: smaller pieces pay per-op overhead,
