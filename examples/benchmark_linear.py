@@ -13,7 +13,8 @@ Before timing, the fused loss's value and gradients are compared with the unfuse
 mismatch). Time: the minimum over ``--rounds`` interleaved rounds of one jitted (JAX) or eager (PyTorch)
 forward + backward. Memory: JAX, the compiled temporaries of the jitted ``value_and_grad``
 (``memory_analysis().temp_size_in_bytes``: what the step allocates beyond its inputs and outputs); PyTorch, the
-peak resident set of a fresh process running one step, over its resident set before the step.
+peak resident set of a fresh process running one step (after a warm-up step, with the gradients set to None),
+over its resident set before the step, less the bytes of the gradients the step returns.
 
 Targets: the fused loss's memory at most 1/8 of the unfused logits' bytes, its time at most 1.15× the unfused
 ``softmax_focal_loss`` and at most 1.3× the framework's cross-entropy. Each is printed MET or MISSED.
@@ -134,12 +135,14 @@ def status(key):  # kB, from /proc/self/status
 
 
 step()  # warm-up: thread pools and the allocator's first growth are not the loss's
+h.grad = w.grad = None  # the measured step returns fresh gradients: counted, then subtracted below
 gc.collect()
 with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the resident set now
     f.write("5")
 before = status("VmRSS:")
 step()
-print((status("VmHWM:") - before) * 1024)
+grads = sum(t.grad.numel() * t.grad.element_size() for t in (h, w))
+print((status("VmHWM:") - before) * 1024 - grads)
 '''
 
 
@@ -185,7 +188,7 @@ def torch_rows(n: int, d: int, v: int, rounds: int) -> tuple[list[dict], list[st
                               timeout=600, env=dict(os.environ))
         mem = int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else -1
         rows.append(dict(framework="torch", impl=name, n=n, d=d, v=v, seconds=times[name], memory_bytes=mem,
-                         memory_kind="peak RSS over the RSS before the step"))
+                         memory_kind="peak RSS over the RSS before the step, less the returned gradients"))
     return rows, errors
 
 
