@@ -42,7 +42,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import os
+import pathlib
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -738,3 +742,17 @@ def run_original(backend: str, inp: Inputs, ctor: dict[str, Any], module: str,
         v, g = jax.value_and_grad(lambda xx: loss(xx, y))(x)
         g = np.asarray(g, np.float64)
         return np.asarray(v, np.float64), np.moveaxis(g, -1, 1) if move else g
+
+
+def run_on_host_devices(script: str, path: pathlib.Path, devices: int = 8) -> dict[str, Any]:
+    """Runs the Python ``script`` (written to ``path``) in a subprocess whose JAX sees ``devices`` CPU devices, and
+    returns the JSON object its last line of output prints (which must report ``"devices"``)."""
+    path.write_text(script)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == devices
+    return out

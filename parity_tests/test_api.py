@@ -13,7 +13,8 @@ TORCH_ONLY = {"SigmoidFocalLoss", "SoftmaxFocalLoss", "AsymmetricLoss", "Quality
               "LinearSoftmaxFocalLoss"}
 # Per-ecosystem names for the same thing: the class axis and the multi-device handle, and torch's
 # (input, target) positional names.
-RENAMED = {"axis": "dim", "axis_name": "process_group", "hidden": "input", "logits": "input", "targets": "target", "labels": "target"}
+RENAMED = {"axis": "dim", "axis_name": "process_group", "hidden": "input", "logits": "input", "targets": "target",
+           "labels": "target"}
 
 
 def test_every_public_name_has_its_twin():

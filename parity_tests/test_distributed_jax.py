@@ -7,15 +7,9 @@ and prints one JSON object; each test below asserts one of its entries, so a fai
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from parity_tests import _harness as H
 
 SCRIPT = r'''
 import json
@@ -130,14 +124,7 @@ LOSSES = ["softmax", "sigmoid", "retina"]
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, float]:
-    script = tmp_path_factory.mktemp("distributed") / "distributed_checks.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 8
+    out = H.run_on_host_devices(SCRIPT, tmp_path_factory.mktemp("distributed") / "distributed_checks.py")
     return out
 
 

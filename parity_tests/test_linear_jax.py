@@ -10,10 +10,7 @@ or N terms (relative to |G| @ |W| and |G|.T @ |h|, times the number of terms ove
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -380,15 +377,6 @@ print(json.dumps(dict(devices=len(jax.devices()), value=rel(a, e), dh=rel(ga[0],
 
 
 def test_shard_map_axis_name_is_the_global_mean(tmp_path):
-    script = tmp_path / "linear_shard_map.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
-
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 8
+    out = H.run_on_host_devices(SCRIPT, tmp_path / "linear_shard_map.py")
     for k in ("value", "dh", "dw"):
         assert out[k] < 1e-12, (k, out)
