@@ -145,8 +145,13 @@ def test_correctness_checks_ran_and_passed(smoke):
 
 def test_targets_are_reported_but_not_meaningful_at_smoke_sizes(smoke):
     result, _ = smoke
-    reported = {(t["case"], t["backend"], t["target"]) for t in result["targets"]}
+    first = [t for t in result["targets"] if t["target"] == "first call / later calls"]
+    focal = [t for t in result["targets"] if t not in first]
+    # a target against the fastest peer names that peer: "ours / fastest peer (naive formula)"
+    reported = {(t["case"], t["backend"], t["target"].split(" (")[0]) for t in focal}
     assert reported == {(t.case, t.backend, f"ours / {t.against}") for t in BENCH.TARGETS}
+    assert {t["case"] for t in first} == {c.id for c in BENCH.CASES if c.kind in ("sigmoid", "softmax")}
+    assert all(t["backend"] == "torch" and t["limit"] == BENCH.FIRST_CALL_LIMIT for t in first)
     assert {t.backend for t in BENCH.TARGETS} == {"torch", "jax"}
     for target in result["targets"]:
         assert target["meaningful"] is False
@@ -171,11 +176,12 @@ def test_header_describes_the_run(smoke):
 def test_markdown_table_has_one_line_per_case_and_framework(smoke):
     result, _ = smoke
     lines = result["markdown"].splitlines()
-    assert lines[0].startswith("| case | framework | ours |") and set(lines[1]) <= set("|-:")
+    assert lines[0].startswith("| case | framework | path | ours |") and set(lines[1]) <= set("|-:")
     body = [line.split(" | ") for line in lines[2:]]
     assert {(cells[0].lstrip("| "), cells[1]) for cells in body} == {
         (case.id, backend) for case in BENCH.CASES for backend in ("torch", "jax")}
     assert len(body) == 2 * len(BENCH.CASES)
+    assert {cells[2] for cells in body} == {"eager", "jit"}  # the path that served ours, per framework
 
 
 # A plausible defect in one implementation must make the run fail: exit status 1 and a failed check.
@@ -284,3 +290,15 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(capsys):
         BENCH.main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "--device cuda" in capsys.readouterr().err
+
+
+def test_a_warning_of_the_library_marks_its_path_a_fallback():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("focal_torch: the kernels are unavailable; using the plain formulas", RuntimeWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+    assert BENCH.served_by(caught, "focal_torch", "eager") == (
+        "fallback: focal_torch: the kernels are unavailable; using the plain formulas")
+    assert BENCH.served_by(caught[1:], "focal_torch", "eager") == "eager"
