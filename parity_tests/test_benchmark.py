@@ -297,7 +297,8 @@ def test_a_warning_of_the_library_marks_its_path_a_fallback():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warnings.warn("focal_torch: the kernels are unavailable; using the plain formulas", RuntimeWarning, stacklevel=1)
+        warnings.warn("focal_torch: the kernels are unavailable; using the plain formulas", RuntimeWarning,
+                      stacklevel=1)
         warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
     assert BENCH.served_by(caught, "focal_torch", "eager") == (
         "fallback: focal_torch: the kernels are unavailable; using the plain formulas")
