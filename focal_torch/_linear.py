@@ -4,7 +4,7 @@ positions at a time, so that the (positions, classes) logits and their gradient 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +47,11 @@ def _chunk_index(z: torch.Tensor, yk: torch.Tensor, cw: torch.Tensor | None, cot
     lpy = (zy - mx).add_(torch.log(p.gather(1, am)))  # z_y - max - log S, as p at the arg-max is 1/S
     u = p.scatter_(1, yk, 0.0).sum(1, keepdim=True)  # 1 - p_y = Σ_{k≠y} p_k, no cancellation
     lpy = torch.where(lpy > -C.LN2, torch.log1p(-u), lpy)
-    f = (_modulator(u, o) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
+    f = (_modulator(u, cast(Any, o)) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
     wy = None if cw is None else cw[yk]
     if not grad:
         return f.squeeze(1), None, wy
-    c = _kappa(lpy, u, o)
+    c = _kappa(lpy, u, cast(Any, o))
     if wy is not None:
         c = c * wy
     c = c * cot
@@ -76,13 +76,13 @@ def _chunk_smooth(z: torch.Tensor, yk: torch.Tensor, cw: torch.Tensor | None, co
     lp = zs.sub_(log_s)
     lp_max = lp.gather(1, am)
     lp.scatter_(1, am, torch.where(lp_max > -C.LN2, torch.log1p(-u.gather(1, am)), lp_max))
-    f = (_modulator(u, o) * lp).neg_() if o.gamma != 0.0 else lp.neg()
+    f = (_modulator(u, cast(Any, o)) * lp).neg_() if o.gamma != 0.0 else lp.neg()
     wf = f if cw is None else f * cw
     a, b = 1.0 - o.eps, o.eps / nc
     loss = a * wf.gather(1, yk).squeeze(1) + b * wf.sum(1)
     if not grad:
         return loss, None, f
-    g = _kappa(lp, u, o)  # dℓ/d log p_c of class c's term, without w_c q_c
+    g = _kappa(lp, u, cast(Any, o))  # dℓ/d log p_c of class c's term, without w_c q_c
     g = torch.full_like(lp, g) if not isinstance(g, torch.Tensor) else g
     if cw is not None:
         g = g * cw
@@ -109,6 +109,8 @@ def _sweep(x, weight, bias, cw, y, idx, cot, o: _Opts, want: tuple[bool, bool, b
     dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_w else None
     db = torch.zeros(v, dtype=cd, device=x.device) if want_b else None
     dcw = torch.zeros(v, dtype=cd, device=x.device) if want_cw else None
+    # the loop touches each accumulator only where it is wanted, and so allocated
+    dx_a, dw_a, db_a, dcw_a = (cast(torch.Tensor, t) for t in (dx, dw, db, dcw))
     a, b = 1.0 - o.eps, o.eps / v if v else 0.0
     cot_t = isinstance(cot, torch.Tensor) and cot.dim() > 0  # per position (else a number or a 0-d tensor)
     rows = max(min(o.rows, n), 1)
@@ -133,28 +135,28 @@ def _sweep(x, weight, bias, cw, y, idx, cot, o: _Opts, want: tuple[bool, bool, b
             lr, gz, f = _chunk_smooth(z, yk, cw, cr, o, grad)
             if want_cw:
                 fc = f * cr if cot_t else f * cot
-                dcw.add_(fc.sum(0), alpha=b).index_add_(0, yr, fc.gather(1, yk).squeeze(1), alpha=a)
+                dcw_a.add_(fc.sum(0), alpha=b).index_add_(0, yr, fc.gather(1, yk).squeeze(1), alpha=a)
         else:
             f, gz, wy = _chunk_index(z, yk, cw, cr, o, grad)
             lr = f if wy is None else f * wy.squeeze(1)
             if want_cw:
-                dcw.index_add_(0, yr, f * cr.squeeze(1) if cot_t else f * cot)
+                dcw_a.index_add_(0, yr, f * cr.squeeze(1) if cot_t else f * cot)
         loss[start:stop] = lr
         if gz is None or not (want_x or want_w or want_b):
             continue
         if want_b:
-            db.add_(gz.sum(0))
+            db_a.add_(gz.sum(0))
         gh = gz if half is None else zo.copy_(gz)  # the matmuls run in the input's dtype
         if want_x:
             if idx is None:
-                torch.mm(gh, weight, out=dx[start:stop])
+                torch.mm(gh, weight, out=dx_a[start:stop])
             else:
-                dx.index_copy_(0, idx[start:stop], gh @ weight)
+                dx_a.index_copy_(0, idx[start:stop], gh @ weight)
         if want_w:
-            if dw.dtype == x.dtype:
-                dw.addmm_(gh.t(), xr)
+            if dw_a.dtype == x.dtype:
+                dw_a.addmm_(gh.t(), xr)
             else:
-                dw.add_(gh.t() @ xr)
+                dw_a.add_(gh.t() @ xr)
     return loss, dx, dw, db, dcw
 
 
@@ -387,7 +389,8 @@ def linear_softmax_focal_loss(
         label_smoothing=_option(label_smoothing), reduction=reduction, chunk_size=chunk_size,
         where_shape=C.shape_of(where), where_dtype="bool" if where_dtype is None else where_dtype,
         bias_dtype=None if bias is None else bias.dtype)
-    if C.in_func_transform() or any(C.is_transformed(t) for t in (input, weight, bias, class_weight, target)):
+    if C.in_func_transform() or any(C.is_transformed(t) for t in (input, weight, bias, class_weight, target)
+                                    if t is not None):
         return _unfused(input, weight, target, bias, gamma, class_weight, ignore_index, label_smoothing, where,
                         reduction, process_group)
     dev = input.device
@@ -404,7 +407,8 @@ def linear_softmax_focal_loss(
     ii = so.ignore_index
     counted = (y != ii) if info.min <= ii <= info.max else None  # an index the dtype cannot hold matches nothing
     if where is not None:
-        mask = torch.broadcast_to(C.as_tensor(where, dtype=torch.bool, device=dev), so.positions).reshape(n)
+        mask = torch.broadcast_to(cast(torch.Tensor, C.as_tensor(where, dtype=torch.bool, device=dev)),
+                               so.positions).reshape(n)
         counted = mask if counted is None else counted & mask
     eager = not C.is_compiling()
     rw = None  # row weights: under torch.compile the uncounted rows are masked, not removed
@@ -492,6 +496,9 @@ class LinearSoftmaxFocalLoss(torch.nn.Module):
     References:
       Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, arXiv:1708.02002.
     """
+
+    class_weight: torch.Tensor | None
+    where: torch.Tensor | None
 
     def __init__(self, gamma: float = focal_spec.GAMMA, class_weight: torch.Tensor | None = None,
                  ignore_index: int = focal_spec.IGNORE_INDEX, label_smoothing: float = focal_spec.LABEL_SMOOTHING,
