@@ -473,8 +473,7 @@ class LinearSoftmaxFocalLoss(torch.nn.Module):
       chunk_size: positions per chunk, or None (picked from the sizes).
       process_group: optional ``torch.distributed`` process group for an exact global mean.
 
-    Returns:
-      What :func:`focal_torch.linear_softmax_focal_loss` returns.
+    A call returns what :func:`focal_torch.linear_softmax_focal_loss` returns.
 
     Raises:
       ValueError: ``gamma`` < 0, ``label_smoothing`` outside [0, 1], an unknown ``reduction`` or a
