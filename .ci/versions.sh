@@ -6,7 +6,8 @@
 # training step).
 #
 #   oldest  torch, jax, jaxlib, flax and optax at the lower bounds of pyproject.toml
-#   newest  the newest torch the registry serves (the machine's pip cap lifted for that job: PIP_CONSTRAINT=);
+#   newest  the newest torch the registry serves (a pip constraints file of the machine lifted for that job:
+#           PIP_CONSTRAINT=/dev/null; an empty value leaves the configured file in force);
 #           the main job already resolves the newest jax, flax and optax
 #
 # Usage: bash .ci/versions.sh [oldest|newest ...]   (default: both)
@@ -55,7 +56,7 @@ for name in "${@:-oldest newest}"; do
   for n in $name; do
     case $n in
       oldest) job oldest "${OLDEST[@]}" ;;
-      newest) PIP_CONSTRAINT= job newest "torch" "jax" "jaxlib" "flax" "optax" ;;
+      newest) PIP_CONSTRAINT=/dev/null job newest "torch" "jax" "jaxlib" "flax" "optax" ;;
       *) echo "unknown job: $n" >&2; exit 2 ;;
     esac
   done
