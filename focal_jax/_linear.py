@@ -278,7 +278,7 @@ def linear_softmax_focal_loss(
         are not counted and get a zero gradient.
       reduction: ``"none"``, ``"mean"`` or ``"sum"``.
       chunk_size: positions per chunk, an integer >= 1, or None to pick one from the sizes
-        (``focal_spec.pick_chunk_size``). It changes the memory held, not the result.
+        (``focal_spec.pick_blocks``). It changes the memory held, not the result.
       axis_name: inside ``shard_map`` or ``pmap``, the mapped axis to ``psum`` the sum and the mean's
         denominator over (the exact global mean). Ignored for ``"none"``.
 

@@ -17,7 +17,7 @@ Functions (static facts only: shapes as tuples, dtypes as names or dtype objects
   where_shape=None, where_dtype="bool", bias_dtype=None) -> LinearOptions``: validates a call and resolves
   the chunk size.
 - ``pick_chunk_size(n_positions, hidden_dim, n_classes, itemsize) -> int``: the number of positions per chunk
-  when ``chunk_size`` is None.
+  when ``chunk_size`` is None, for a backend that chunks the positions only (PyTorch).
 - ``class_block(rows, n_classes) -> int``: classes per block for a backend that also blocks the class axis
   (JAX), given ``rows`` positions per chunk.
 - ``pick_blocks(n_positions, hidden_dim, n_classes, itemsize) -> (rows, classes)``: both, when ``chunk_size`` is
@@ -38,12 +38,12 @@ from focal_spec import _options
 from focal_spec import _validate as V
 
 CHUNK_EXPECTED = "None or an integer >= 1 (positions per chunk)"
-CHUNK_BYTES = 8 * 2**20
-"""Bytes of float32 logits one chunk may hold when ``chunk_size`` is None (several such arrays live at once)."""
-CHUNK_FRACTION = 64
-"""... and at most this fraction of the whole logits' bytes, so that the fused loss keeps well under 1/8 of them."""
-MIN_CHUNK_BYTES = 2**20
-"""The smallest float32 chunk that ``pick_chunk_size`` aims for (small inputs: one chunk)."""
+CHUNK_BYTES = 64 * 2**20
+"""Bytes of float32 logits one chunk of positions may hold when ``chunk_size`` is None ..."""
+CHUNK_FRACTION = 10
+"""... and at most this fraction of the whole logits' bytes (the fused loss keeps well under 1/8 of them) ..."""
+MIN_CHUNK_ROWS = 8
+"""... but at least this many positions (a matmul needs rows to run at speed)."""
 BLOCK_BYTES = 4 * 2**20
 """Bytes of float32 logits of one (positions, classes) block for a backend that blocks both axes."""
 BLOCK_ROWS = 8192
@@ -83,21 +83,21 @@ def check_chunk_size(chunk_size: Any) -> int | None:
 
 
 def pick_chunk_size(n_positions: int, hidden_dim: int, n_classes: int, itemsize: int) -> int:
-    """Positions per chunk: one chunk's float32 logits and its hidden states (``hidden_dim`` elements of
-    ``itemsize`` bytes per position) take at most ``CHUNK_BYTES`` and ``1/CHUNK_FRACTION`` of all the logits'
-    bytes, but ``MIN_CHUNK_BYTES`` where that is smaller; at least 8 positions (a matmul needs rows to run at
-    speed), a multiple of 8 above that, never more than ``n_positions`` nor fewer than 1.
+    """Positions per chunk for a backend that chunks the positions only (all V classes per chunk; PyTorch). Each
+    chunk streams the whole weight through three matmuls, so a chunk needs a few hundred positions to run them at
+    the speed of one large matmul: it is as large as ``CHUNK_BYTES`` and ``1/CHUNK_FRACTION`` of all the logits'
+    bytes allow, a multiple of 8, at least ``MIN_CHUNK_ROWS``, and all positions when the logits are at most
+    ``CHUNK_BYTES / CHUNK_FRACTION``. ``hidden_dim`` and ``itemsize`` are part of the signature for backends that
+    weigh the hidden states too.
 
-    >>> pick_chunk_size(2048, 256, 32768, 4)
-    24
-    >>> pick_chunk_size(10, 16, 100, 4)
-    10
+    >>> pick_chunk_size(2048, 256, 32768, 4), pick_chunk_size(512, 256, 131072, 4), pick_chunk_size(100, 16, 1000, 4)
+    (200, 48, 100)
     """
     n, v = max(int(n_positions), 1), max(int(n_classes), 1)
-    row = 4 * v + max(int(hidden_dim), 0) * max(int(itemsize), 1)  # one position's logits and hidden state
-    budget = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, n * 4 * v // CHUNK_FRACTION))
-    rows = max(budget // row, 8)
-    rows -= rows % 8
+    if n * v * 4 * CHUNK_FRACTION <= CHUNK_BYTES:
+        return n
+    rows = min(n * v * 4 // CHUNK_FRACTION, CHUNK_BYTES) // (4 * v)
+    rows = max(rows - rows % 8, MIN_CHUNK_ROWS)
     return int(min(rows, n))
 
 

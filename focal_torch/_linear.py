@@ -234,31 +234,6 @@ class _LinearFocal(torch.autograd.Function):
         return *grads, *tail
 
 
-ROWS_FRACTION = 10
-"""With ``chunk_size=None``, one chunk's logits take at most this fraction of all the logits' bytes ..."""
-ROWS_BYTES = 64 * 2**20
-"""... and at most these bytes (float32), but at least ``MIN_ROWS`` positions."""
-MIN_ROWS = 8
-
-
-def pick_rows(n: int, v: int) -> int:
-    """Positions per chunk when ``chunk_size`` is None. Each chunk streams the whole weight through three matmuls
-    (logits, dℓ/dx, dℓ/dW), so on the CPU a chunk needs a few hundred positions to run the matmuls at the speed of
-    one large matmul: the chunk is as large as the memory bound allows (``ROWS_FRACTION``, ``ROWS_BYTES``), a
-    multiple of 8, whole when the logits are at most ``ROWS_BYTES / ROWS_FRACTION``. (The spec's
-    ``focal_spec.pick_chunk_size`` aims at smaller chunks, for a backend that also blocks the classes.)
-
-    >>> pick_rows(2048, 32768), pick_rows(512, 131072), pick_rows(100, 1000)
-    (200, 48, 100)
-    """
-    n, v = max(n, 1), max(v, 1)
-    if n * v * 4 * ROWS_FRACTION <= ROWS_BYTES:
-        return n
-    rows = min(n * v * 4 // ROWS_FRACTION, ROWS_BYTES) // (4 * v)
-    rows = max(rows - rows % 8, MIN_ROWS)
-    return min(rows, n)
-
-
 def _option(value: Any) -> Any:
     """A number option as the spec checks it: plain numbers as they are (also under ``torch.compile``, where they
     are constants of the graph), tensors as :func:`C.spec_value` shows them."""
@@ -342,7 +317,7 @@ def linear_softmax_focal_loss(
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (divided by :math:`\sum_i w_{y_i}` over counted positions;
         0 when that is exactly 0).
       chunk_size: positions per chunk, an integer >= 1, or None: as many as keep one chunk's float32 logits
-        within 1/10 of all the logits' bytes and 64 MiB (:func:`pick_rows`).
+        within 1/10 of all the logits' bytes and 64 MiB (``focal_spec.pick_chunk_size``).
       process_group: a ``torch.distributed`` process group: with ``"mean"`` the denominator is all-reduced, as
         for :func:`focal_torch.softmax_focal_loss`.
 
@@ -396,7 +371,8 @@ def linear_softmax_focal_loss(
     dev = input.device
     cd = torch.float64 if input.dtype == torch.float64 else torch.float32
     eps = so.label_smoothing if so.label_smoothing is not None else float(label_smoothing)
-    rows = so.chunk_size if chunk_size is not None else pick_rows(so.n_positions, so.num_classes)
+    rows = (so.chunk_size if chunk_size is not None
+            else focal_spec.pick_chunk_size(so.n_positions, so.hidden_dim, so.num_classes, input.element_size()))
     o = _Opts(so.gamma, so.gamma_int, float(eps), cd, rows, so.reduction)
     v, d, n = so.num_classes, so.hidden_dim, so.n_positions
     x = input.reshape(n, d)

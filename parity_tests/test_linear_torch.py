@@ -21,7 +21,6 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import focal_torch  # noqa: E402
-from focal_torch import _linear  # noqa: E402
 
 D, V = 6, 11
 
@@ -406,10 +405,11 @@ def test_module():
 
 
 def test_default_chunk():
-    assert _linear.pick_rows(2048, 32768) == 200 and _linear.pick_rows(512, 131072) == 48
-    assert _linear.pick_rows(100, 1000) == 100 and _linear.pick_rows(1, 10**6) == 1
+    pick = focal_spec.pick_chunk_size
+    assert pick(2048, 256, 32768, 4) == 200 and pick(512, 256, 131072, 4) == 48
+    assert pick(100, 16, 1000, 4) == 100 and pick(1, 16, 10**6, 4) == 1
     for n, v in ((2048, 32768), (512, 131072), (8192, 262144), (64, 10**6)):
-        rows = _linear.pick_rows(n, v)
+        rows = pick(n, 256, v, 4)
         assert 1 <= rows <= n and (rows * v * 4 <= n * v * 4 / 10 or rows == min(n, 8))
 
 
