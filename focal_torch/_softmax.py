@@ -47,11 +47,14 @@ def _modulator(u: torch.Tensor, o: _Opts, gamma: Any = None) -> torch.Tensor | f
     return torch.exp(torch.log(u) * (cast(float, o.gamma) if gamma is None else gamma))
 
 
-def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts, gamma: Any = None) -> torch.Tensor | float:
-    """dℓ/d(log p_y) = κ = -m + γ p log p (1-p)^(γ-1), finite for every p (also 1-p = 0)."""
+def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts, gamma: Any = None,
+           p: torch.Tensor | None = None) -> torch.Tensor | float:
+    """dℓ/d(log p_y) = κ = -m + γ p log p (1-p)^(γ-1), finite for every p (also 1-p = 0). ``p`` is p_y where the
+    caller has it (else exp(log p_y))."""
     if o.gamma == 0.0:
         return -1.0
-    p = torch.exp(lpy)
+    if p is None:
+        p = torch.exp(lpy)
     n = o.gamma_int
     if n is not None:
         if n == 1:
@@ -69,212 +72,156 @@ def _host_select(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def _one_minus_p(x: torch.Tensor, lpy: torch.Tensor, yk: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """u = 1 - p_y and log p_y, both accurate to rounding, given lp_y from the log-softmax.
-
-    Where p_y <= 1/2, lp_y and u = -expm1(lp_y) are accurate. Where p_y > 1/2 (y is then the arg-max),
-    lp_y = -log S has lost the digits of S - 1 to rounding; there u is summed as Σ_{k≠y} p_k and
-    log p_y = log1p(-u). On the CPU, when such positions are few, only their rows are summed (boolean
-    indexing), as R = Σ_{k≠y} exp(x_k - x_y) in float64, where the differences of float32 logits are
-    exact, u = R / (1 + R); otherwise (many of them, or an accelerator, where counting would sync) the
-    softmax of every position is summed, in the compute dtype.
-    """
+def _log_p_where_underflowed(x: torch.Tensor, lpy: torch.Tensor, py: torch.Tensor, yk: torch.Tensor,
+                             d: int) -> torch.Tensor:
+    """``lpy`` with log p_y recomputed from the logits (x_y - logsumexp x, in float64) at the positions whose p_y
+    is below the compute dtype's smallest normal number, where log(p_y) has lost its digits (CPU: such positions
+    are found and only their rows are read)."""
+    low = py < torch.finfo(py.dtype).tiny
+    if not bool(low.any()):
+        return lpy
     if x.dim() == 1:  # one position: give it a dim, so that positions can be indexed
-        u, lpy = _one_minus_p(x.unsqueeze(0), lpy.unsqueeze(0), yk.unsqueeze(0), d + 1)
-        return u.squeeze(0), lpy.squeeze(0)
-    near = lpy > -C.LN2
-    u = torch.expm1(lpy).neg_()
+        return _log_p_where_underflowed(x.unsqueeze(0), lpy.unsqueeze(0), py.unsqueeze(0), yk.unsqueeze(0),
+                                        d + 1).squeeze(0)
+    sel = low.squeeze(d).nonzero(as_tuple=True)
+    rows = x.movedim(d, -1)[sel].to(torch.float64)  # (K, C)
+    exact = rows.gather(1, yk.squeeze(d)[sel].unsqueeze(1)).squeeze(1) - torch.logsumexp(rows, 1)
+    lpy = lpy.clone()
+    lpy.squeeze(d).index_put_(sel, exact.to(lpy.dtype))
+    return lpy
+
+
+def _fused(x, ys, yk, weight, scale, o: _Opts, all_counted: bool,
+           want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reduced loss (in ``x``'s dtype) and, where ``want_grad``, dℓ/dx of it, formed together from one softmax.
+
+    With p = softmax(x) (on the CPU torch's softmax; elsewhere exp of the log-softmax, whose log p_y needs no
+    reading of values): 1 - p_y = Σ_{k≠y} p_k, a sum of non-negative terms, accurate at every margin; log p_y is
+    log1p(-(1 - p_y)) where p_y > 1/2 (where log p_y would have lost the digits of 1 - p_y), log p_y elsewhere
+    (on the CPU log of p_y, recomputed from the logits where p_y is subnormal); dℓ/dx_k = κ (δ_ky - p_k), which
+    overwrites p in place: -κ p_k off the label, κ (1 - p_y) at it. Positions not counted (label -1 in ``ys``)
+    give 0 and a zero gradient, whatever their logits hold."""
+    d = o.dim
+    xc = x if x.dtype == o.cdtype else x.to(o.cdtype)
     host = _host_select(x)
-    k = int(near.sum()) if host else -1
-    if k == 0:
-        return u, lpy
-    if host and 8 * k <= near.numel():  # few such positions: their rows only, in float64
-        sel = near.squeeze(d).nonzero(as_tuple=True)  # the K positions, found once
-        rows = x.movedim(d, -1)[sel].to(torch.float64)  # (K, C)
-        ys = yk.squeeze(d)[sel].unsqueeze(1)
-        r = torch.exp(rows - rows.gather(1, ys)).scatter_(1, ys, 0.0).sum(1)
-        u.squeeze(d).index_put_(sel, (r / (1.0 + r)).to(u.dtype))
-        lpy = lpy.clone()
-        lpy.squeeze(d).index_put_(sel, torch.log1p(r).neg_().to(lpy.dtype))
-        return u, lpy
-    # Σ_{k≠y} p_k from torch's softmax kernel: each p_k is accurate, and no term cancels.
-    others = torch.softmax(x.to(lpy.dtype), d).scatter_(d, yk, 0.0).sum(d, keepdim=True)
-    u = torch.where(near, others, u)
-    return u, torch.where(near, torch.log1p(-torch.where(near, u, 0.0)), lpy)
+    if host:
+        p = torch.softmax(xc, d)
+        py = p.gather(d, yk)
+    else:
+        lp = torch.log_softmax(xc, d)
+        lpy_small = lp.gather(d, yk)
+        p = lp.exp_()
+        py = torch.exp(lpy_small)
+    u = p.scatter_(d, yk, 0.0).sum(d, keepdim=True)  # 1 - p_y
+    if host:  # log p_y = log1p(-u), as u log(p_y) / (1 - p_y): 1 - p_y is exact where p_y >= 1/2, and the ratio
+        # restores the digits of u that p_y has lost (log1p itself is a scalar loop on the CPU); 0/0 at p_y = 1
+        lpy = torch.log(py).div_(1.0 - py).nan_to_num_(nan=-1.0, neginf=-math.inf).mul_(u)
+        lpy = _log_p_where_underflowed(x, lpy, py, yk, d)
+    else:
+        lpy = torch.where(py > 0.5, torch.log1p(torch.neg(u)), lpy_small)
+    # Per position: f = -ℓ = m log p_y, and a = -κ (dℓ/dx = a p_k off the label, -a (1 - p_y) at it)
+    n = o.gamma_int
+    a: Any = 1.0
+    if o.gamma == 0.0:
+        f = lpy
+    elif n is not None:
+        m1 = C.ipow(u, n - 1, inplace=False) if n > 1 else None  # u^(n-1)
+        f = lpy * (u if m1 is None else m1 * u)
+        if want_grad:  # -κ = u^(n-1) (u - n p log p)
+            a = torch.addcmul(u, py, lpy, value=-float(n))
+            a = a if m1 is None else a.mul_(m1)
+    else:
+        f = lpy * _modulator(u, o)
+        if want_grad:
+            a = torch.neg(_kappa(lpy, u, o, p=py))
+    if weight is not None:
+        wy = weight[yk]
+        f = f * wy
+        a = a * wy
+    counted = None if all_counted else (ys >= 0).unsqueeze(d)
+    if counted is not None:
+        f = torch.where(counted, f, 0.0)
+    if o.reduction == "none":
+        loss = f.squeeze(d).neg()
+    else:
+        loss = f.sum() * (-scale if o.reduction == "mean" else -1.0)
+    loss = loss if loss.dtype == x.dtype else loss.to(x.dtype)
+    if not want_grad:
+        return loss, None
+    if o.reduction == "mean":  # the gradient of the mean (a per-position factor)
+        a = a * scale
+    if counted is not None:
+        a = torch.where(counted, a if isinstance(a, torch.Tensor) else torch.full_like(u, a), 0.0)
+    grad = p.scatter_(d, yk, torch.neg(u)).mul_(a)
+    # Positions not counted may hold NaN/inf logits, whose softmax rows are NaN: their gradient must be cleared,
+    # which costs a pass. On the CPU whether any does is free to find out.
+    if counted is not None and (not host or bool((~counted & ~torch.isfinite(py)).any())):
+        grad = torch.where(counted, grad, 0.0)
+    return loss, grad
 
 
 class _IndexFocal(torch.autograd.Function):
     """Integer labels, no smoothing, a known γ, gradient for the logits only.
 
-    Forward: lp = log_softmax(x) (saved, as ``F.cross_entropy`` saves it), with log p_y made accurate
-    in place; the loss needs only lp_y. Backward: -κ·p_k = -κ·exp(lp_k) off the label, and κ·(1 - p_y)
-    at it, from the accurate 1 - p_y. Saved: lp and the labels (-1 where a position is not counted), no more than
-    ``F.cross_entropy`` keeps. Double backward runs the smooth formula on the logits, which are held
-    by a weak reference (they are alive wherever a double backward is asked for).
+    Forward: :func:`_fused`, one softmax and one in-place pass that turns it into dℓ/dx, which is kept (the
+    logits' size, as ``F.cross_entropy`` keeps its log-probabilities) for a backward of at most one
+    multiplication. Double backward runs the smooth formula on the logits, which are held by a weak reference
+    (they are alive wherever a double backward is asked for).
     """
 
     @staticmethod
     def forward(ctx, x, ys, yk, weight, scale, o: _Opts, all_counted: bool):
-        d = o.dim
-        if all_counted and ctx.needs_input_grad[0] and x.numel() <= FUSE_MAX:
-            return _fused_forward(ctx, x, ys, yk, weight, scale, o)
-        ctx.grad_x = False
+        want = ctx.needs_input_grad[0]
         with _no_autocast(x.device):
-            lp = torch.log_softmax(x.to(o.cdtype), d)
-            lpy = lp.gather(d, yk)
-            u, lpy_acc = _one_minus_p(x, lpy, yk, d)
-            if lpy_acc is not lpy:
-                lp.scatter_(d, yk, lpy_acc)
-            loss = (_modulator(u, o) * lpy_acc).neg_() if o.gamma != 0.0 else lpy_acc.neg()
-            if weight is not None:
-                loss = loss * weight[yk]
-            counted = None if all_counted else (ys >= 0).unsqueeze(d)
-            if counted is not None:
-                loss = torch.where(counted, loss, 0.0)
-            # Uncounted positions may hold NaN/inf logits, whose log-softmax rows are NaN: their gradient
-            # must be masked, which costs a pass. On the CPU whether any does is free to find out.
-            if counted is None:
-                ctx.mask_rows = False
-            elif _host_select(lp):
-                ctx.mask_rows = bool((~counted & ~torch.isfinite(lpy)).any())
-            else:
-                ctx.mask_rows = True
-            return _keep_and_reduce(ctx, x, lp, ys, weight, scale, o, all_counted, loss.squeeze(d))
+            loss, grad = _fused(x, ys, yk, weight, scale, o, all_counted, want)
+        if want:
+            # The labels and weights (never differentiated here) are read only to recompute: plain attributes
+            ctx.args = (ys, yk, weight, scale, o, all_counted, x.dtype)
+            C.hold_logits(ctx, x)
+            C.keep(ctx, grad)  # handed over by a backward that may (C.hand_over)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        lp, ys, weight, scale_t = ctx.saved_tensors
         none = (None,) * 6
         if not ctx.needs_input_grad[0]:
             return (None, *none)
-        o: _Opts = ctx.o
-        d = o.dim
-        scale = scale_t if ctx.scale_is_tensor else ctx.scale
-        if torch.is_grad_enabled():
-            return _index_double_backward(ctx, grad_out, ys, weight, scale), *none
-        if ctx.grad_x:  # dℓ/dx, computed with the loss: one multiplication
-            kept = ctx.kept
-            if kept is None:  # handed over to an earlier backward of a retained graph: recomputed
-                x = C.held_logits(ctx, "softmax_focal_loss")
-                with _no_autocast(x.device):
-                    kept = _fused(x, ys.unsqueeze(d), weight, scale, o.gamma, o=o)[1]
-            go = grad_out if grad_out.dtype == kept.dtype else grad_out.to(kept.dtype)
-            if o.reduction == "none":
-                go = go.unsqueeze(d)
-            elif C.hand_over(ctx, kept, go, ctx.x_dtype):  # loss.backward(): the gradient (the mean's 1/n in it)
-                return kept, *none
-            g = kept * go
-            return (g if g.dtype == ctx.x_dtype else g.to(ctx.x_dtype)), *none
-        with _no_autocast(lp.device):
-            yk = ys.unsqueeze(d)
-            if not ctx.all_counted:
-                yk = yk.clamp(min=0)
-            lpy = lp.gather(d, yk)
-            u = torch.expm1(lpy).neg_()
-            go = grad_out.to(o.cdtype)
-            if o.reduction == "none":
-                go = go.unsqueeze(d)
-            elif o.reduction == "mean":
-                go = go * scale
-            g = _kappa(lpy, u, o) * go
-            if not isinstance(g, torch.Tensor) or g.shape != lpy.shape:
-                g = torch.as_tensor(g, dtype=o.cdtype, device=lp.device).expand(lpy.shape)
-            if weight is not None:
-                g = g * weight[yk]
-            counted = None if ctx.all_counted else (ys >= 0).unsqueeze(d)
-            if counted is not None:
-                g = torch.where(counted, g, 0.0)
-            grad = torch.exp(lp).mul_(g.neg())  # κ (δ_ky - p_k) off the label: -κ p_k
-            grad.scatter_(d, yk, g * u)  # at the label κ (1 - p_y), with the accurate 1 - p_y
-            if ctx.mask_rows:
-                grad = torch.where(counted, grad, 0.0)
-            return grad.to(ctx.x_dtype), *none
+        ys, yk, weight, scale, o, all_counted, x_dtype = ctx.args
+        kept = ctx.kept
+        grad_mode = torch.is_grad_enabled()
+        if kept is not None and not grad_mode and o.reduction != "none" and C.hand_over(ctx, kept, grad_out, x_dtype):
+            return kept, *none  # loss.backward(): the gradient (the mean's 1/n in it)
+        if grad_mode:
+            return _index_double_backward(ctx, grad_out), *none
+        if kept is None:  # handed over to an earlier backward of a retained graph: recomputed
+            x = C.held_logits(ctx, "softmax_focal_loss")
+            with _no_autocast(x.device):
+                kept = _fused(x, ys, yk, weight, scale, o, all_counted, True)[1]
+        go = grad_out if grad_out.dtype == kept.dtype else grad_out.to(kept.dtype)
+        if o.reduction == "none":
+            go = go.unsqueeze(o.dim)
+        g = kept * go
+        return (g if g.dtype == x_dtype else g.to(x_dtype)), *none
 
 
 _apply_plain = _IndexFocal.apply
 
-
-FUSE_MAX = 1 << 16
-"""Integer-label inputs of at most this many elements, all positions counted, compute dℓ/dx with the loss and
-keep it (in place of the log-probabilities, the same size) for a backward of one multiplication."""
-
-
-def _fused(x, yk, weight, scale, gamma, *, o: _Opts) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss after reduction in ``x``'s dtype, dℓ/dx of the reduced loss) together. With p = softmax(x):
-    1 - p_y = Σ_{k≠y} p_k, a sum of non-negative terms, accurate at every margin; log p_y is log1p(-(1 - p_y))
-    where p_y > 1/2 (where the log-softmax has lost the digits of 1 - p_y) and the log-softmax's elsewhere;
-    dℓ/dx_k = κ (δ_ky - p_k), with the label's entry κ (1 - p_y). ``o`` selects the code; ``gamma`` is γ's
-    value."""
-    d = o.dim
-    xc = x if x.dtype == o.cdtype else x.to(o.cdtype)
-    lp = torch.log_softmax(xc, d)
-    lpy = lp.gather(d, yk)
-    pz = torch.exp(lp).scatter_(d, yk, 0.0)  # p with the label's entry cleared
-    u = pz.sum(d, keepdim=True)  # 1 - p_y
-    lpy = torch.where(lpy > -C.LN2, torch.log1p(torch.neg(u)), lpy)
-    loss = (_modulator(u, o, gamma) * lpy).neg_() if o.gamma != 0.0 else lpy.neg()
-    kappa = _kappa(lpy, u, o, gamma)
-    if weight is not None:
-        wy = weight[yk]
-        loss = loss * wy
-        kappa = kappa * wy
-    if o.reduction == "mean":  # the gradient of the mean (a per-position factor: the backward's one multiplication)
-        kappa = kappa * scale
-    if not isinstance(kappa, torch.Tensor):
-        kappa = torch.full_like(u, kappa)
-    grad = pz.mul_(kappa.neg()).scatter_(d, yk, kappa * u)
-    loss = loss.squeeze(d)
-    if o.reduction != "none":
-        loss = loss.sum()
-        if o.reduction == "mean":
-            loss = loss * scale
-    return (loss if loss.dtype == x.dtype else loss.to(x.dtype)), grad
-
-
-def _fused_forward(ctx, x, ys, yk, weight, scale, o: _Opts) -> torch.Tensor:
-    """:func:`_fused`, with dℓ/dx kept for the backward."""
-    with _no_autocast(x.device):
-        loss, grad = _fused(x, yk, weight, scale, o.gamma, o=o)
-        ctx.grad_x, ctx.mask_rows = True, False
-        return _keep_and_reduce(ctx, x, grad, ys, weight, scale, o, True, loss, reduced=True)
-
-
-def _keep_and_reduce(ctx, x, kept, ys, weight, scale, o: _Opts, all_counted: bool, loss: torch.Tensor,
-                     reduced: bool = False) -> torch.Tensor:
-    """Saves what the backward reads (``kept``: the log-probabilities, or dℓ/dx) and reduces the per-position
-    loss."""
-    ctx.o, ctx.all_counted, ctx.x_dtype = o, all_counted, x.dtype
-    ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
-    ctx.scale = None if ctx.scale_is_tensor else scale
-    C.hold_logits(ctx, x)
-    if ctx.grad_x:  # dℓ/dx, handed over by a backward that may (C.keep)
-        C.keep(ctx, kept)
-        kept = None
-    ctx.save_for_backward(kept, ys, weight, scale if ctx.scale_is_tensor else None)
-    if reduced or o.reduction == "none":
-        return loss if loss.dtype == x.dtype else loss.to(x.dtype)
-    total = loss.sum()
-    if o.reduction == "mean":
-        total = total * scale
-    return total if total.dtype == x.dtype else total.to(x.dtype)
-
-
-def _index_double_backward(ctx, grad_out, ys, weight, scale):
+def _index_double_backward(ctx, grad_out):
     """The logits' gradient as a differentiable function of the logits and of ``grad_out``."""
     x = C.held_logits(ctx, "softmax_focal_loss")
-    o: _Opts = ctx.o
+    ys, _, weight, scale, o, all_counted, x_dtype = ctx.args
     counted = ys >= 0
     with torch.enable_grad():
         xg = x if x.requires_grad else x.detach().requires_grad_()
         plain = _Plain(labels=ys.clamp(min=0), probs=None, weight=weight, gamma=o.gamma, eps=0.0,
-                       valid=None if ctx.all_counted else counted, bad=None)
+                       valid=None if all_counted else counted, bad=None)
         loss = _plain_loss(xg, plain, o)
         go = grad_out.to(o.cdtype)
         if o.reduction == "mean":
             go = go * scale
         go = go.expand(loss.shape) if o.reduction != "none" else go
         (grad,) = torch.autograd.grad(loss, xg, go, create_graph=True)
-    return grad.to(ctx.x_dtype)
+    return grad.to(x_dtype)
 
 
 # ----------------------------------------------------------------------------------------
