@@ -38,9 +38,9 @@ Paths: each row of ours names the code that served it: "eager" (focal_torch's AT
 printed in capitals after the table.
 
 First calls: a fresh Python process (empty inductor cache) times each torch loss's first call on each size
-against its later calls (``--no-first-call`` skips it), after one call of each loss on a size of its own (torch
-pays for its first use of an operation once per process). Nothing is compiled behind a call, so the first call
-on a size costs no more than a few later ones.
+against its later calls (``--no-first-call`` skips it), after ten calls of each loss on a size of its own (a
+code path's first executions in a process cost more, once: ``WARM_CALLS``). Nothing is compiled behind a call, so
+the first call on a size costs no more than a few later ones.
 
 Machine: the header and ``--json`` record the CPU model, the core and thread counts, the versions of Python,
 NumPy, torch, kornia, jax and optax, and the vector ISA each framework runs (torch's ATen dispatch level;
@@ -173,6 +173,13 @@ TARGETS: tuple[Target, ...] = (
 )
 FIRST_CALL_LIMIT = 3.0
 """The first call of a loss on a new size (fresh process, empty inductor cache) against its later calls."""
+WARM_CALLS = 10
+"""Calls of each loss on a size of its own before the first-call row. A code path's first executions in a process
+cost more whatever size they run on: torch's first use of each ATen operation, and CPython, which specialises a
+function's bytecode only after its first 8 calls. Measured on 2 cores, the (8, 4) softmax's first call on a new
+size took 3.6x its later calls after 1 warm-up call, 2.6x after 10, and 1.6-1.7x on the sizes after that (the spec's
+validation of a new size, about 50 us, is in it). A kernel compiled per size would show on every case's first call
+whatever the warm-up."""
 
 # Agreement of two float32 implementations with equal semantics, or of ours with the float64 reference:
 # max |a - b| / max |b|, for the value and for the gradient (the float32 rtol of the parity suite). Measured
@@ -849,17 +856,19 @@ def _torch_losses(case: Case, x: Any, t: Any) -> tuple[Callable[[], Any], Callab
 def first_call_child(cases: list[Case], sizes: str, seed: int) -> list[dict]:
     """In a fresh process: for each case, the framework's cross-entropy runs twice on the case's inputs (so that
     the allocator and the thread pool have seen the size), then ours' first call on that size (forward + backward)
-    is timed, then the minimum of its next calls. Before the cases, each loss runs once on a size of its own
-    (2, 3): torch's first use of an ATen operation in a process costs tens of microseconds, once, whatever calls
-    it; a kernel compiled per size or per key would show on every case's first call."""
+    is timed, then the minimum of its next calls. Before the cases, each loss runs ``WARM_CALLS`` times on a size
+    of its own (2, 3): the first executions of a code path in a process cost more, once, whatever size they run
+    on; a kernel compiled per size or per key would show on every case's first call."""
     import torch
 
     import focal_torch
 
     warm_x = torch.zeros(2, 3, requires_grad=True)
-    torch.autograd.grad(focal_torch.sigmoid_focal_loss(warm_x, torch.zeros(2, 3), gamma=GAMMA, alpha=ALPHA), warm_x)
-    torch.autograd.grad(focal_torch.softmax_focal_loss(warm_x, torch.zeros(2, dtype=torch.int64), gamma=GAMMA),
-                        warm_x)
+    for _ in range(WARM_CALLS):
+        torch.autograd.grad(focal_torch.sigmoid_focal_loss(warm_x, torch.zeros(2, 3), gamma=GAMMA, alpha=ALPHA),
+                            warm_x)
+        torch.autograd.grad(focal_torch.softmax_focal_loss(warm_x, torch.zeros(2, dtype=torch.int64), gamma=GAMMA),
+                            warm_x)
     out = []
     for index, case in enumerate(cases):
         shape = case.tiny if sizes == "tiny" else case.shape

@@ -60,12 +60,13 @@ def _lerp(start: Any, end: Any, weight: torch.Tensor, ws: Any = None) -> torch.T
     return torch.mul(weight, end - start, **_new(ws, 7, weight.shape)).add_(start)
 
 
-def _alpha_t(alpha: torch.Tensor | None, tp: torch.Tensor, o: _Opts, ws: Any = None) -> torch.Tensor | None:
-    """α_t = (1-α)(1-t') + α t' (None without alpha)."""
+def _alpha_t(alpha: torch.Tensor | None, tp: torch.Tensor, o: _Opts, ws: Any = None,
+             fold: float = 1.0) -> torch.Tensor | None:
+    """α_t = (1-α)(1-t') + α t' (None without alpha); a number α's times ``fold``."""
     if alpha is not None:
         return torch.lerp(1.0 - alpha, alpha, tp)
     if o.alpha is not None:
-        return _lerp(1.0 - o.alpha, o.alpha, tp, ws)
+        return _lerp((1.0 - o.alpha) * fold, o.alpha * fold, tp, ws)
     return None
 
 
@@ -113,9 +114,9 @@ def _new(ws: _Buffers | None, i: int, shape) -> dict:
     return {} if ws is None else {"out": ws(i, shape)}
 
 
-def _factors(tp, alpha, weight, o: _Opts, ws: _Buffers | None = None) -> list[torch.Tensor]:
-    """The per-element factors α_t and w (each present only when given)."""
-    at = _alpha_t(alpha, tp, o, ws)
+def _factors(tp, alpha, weight, o: _Opts, ws: _Buffers | None = None, fold: float = 1.0) -> list[torch.Tensor]:
+    """The per-element factors α_t and w (each present only when given), a number α's times ``fold``."""
+    at = _alpha_t(alpha, tp, o, ws, fold)
     return [f for f in (at, weight) if f is not None]
 
 
@@ -151,9 +152,10 @@ def _ce_inplace(x, tp, s, sn, pw, o: _Opts, ws: _Buffers | None = None) -> torch
 
 
 def _piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, *, loss: bool = True, grad: bool = False,
-           ws: _Buffers | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+           ws: _Buffers | None = None, fold: float = 1.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(elementwise ℓ, dℓ/dx) of one piece, each only if asked for, sharing every intermediate: eager, in
-    place, no autograd. Both come out in the compute dtype, in buffers that the next piece reuses."""
+    place, no autograd. Both come out in the compute dtype, in buffers that the next piece reuses. Both are
+    multiplied by ``fold`` (taken into a number α's α_t: no multiplication of its own)."""
     bits = None if mask is None else C.keep_bits(mask, o.cdtype)
     x, tp = _prepare(x, t, mask, eps, o.cdtype, bits)
     s = torch.sigmoid(x, **_new(ws, 3, x.shape))
@@ -188,7 +190,7 @@ def _piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, *, loss: bool = True, g
             g = g.add_(u.mul_(o.gamma)) if isinstance(o.gamma, torch.Tensor) else g.add_(u, alpha=o.gamma)
         if loss:
             ce = ce.mul_(q)
-    factors = _factors(tp, alpha, weight, o, ws)
+    factors = _factors(tp, alpha, weight, o, ws, fold)
     if loss:
         _finish_inplace(ce, factors, mask, bits)
     if grad:
@@ -222,13 +224,16 @@ def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, g
     l_out = None if (not loss or o.reduction != "none" or whole) else torch.empty_like(x, memory_format=fmt)
     sums = []
     total = g = None
-    if scale_grad:
+    # one piece of a mean with a number α: the mean's factor is taken into α_t (for the loss and the gradient)
+    fold = (whole and o.reduction == "mean" and type(scale) is float and alpha is None and o.alpha is not None
+            and coef is None and (scale_grad or not grad))
+    if scale_grad and not fold:
         coef = scale if coef is None else coef * scale
     k = coef if per_element else (None if coef is None else C.scalar_or_tensor(coef))
     for region, (xp, tp, ap, wp, pp, mp, cp) in pieces:
         if not per_element:
             cp = k
-        lp, gp = _piece(xp, tp, ap, wp, pp, mp, eps, o, loss=loss, grad=grad, ws=ws)
+        lp, gp = _piece(xp, tp, ap, wp, pp, mp, eps, o, loss=loss, grad=grad, ws=ws, fold=scale if fold else 1.0)
         if gp is not None and cp is not None:
             gp = gp.mul_(cp)
         if whole:
@@ -247,7 +252,7 @@ def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, g
         g, total = g_out, l_out
     if loss and o.reduction != "none":
         total = sums[0] if len(sums) == 1 else torch.stack(sums).to(torch.float64).sum()
-        if o.reduction == "mean":
+        if o.reduction == "mean" and not fold:
             total = total * scale
     if total is not None and total.dtype != x.dtype:
         total = total.to(x.dtype)
@@ -571,7 +576,11 @@ def _backward(ctx, grad_out):
             coef = grad_out.to(cd) * scale if o.reduction == "mean" else grad_out.to(cd)
         if (need[0] and not torch.is_grad_enabled()
                 and _fast(o, eps, x, t, alpha, weight, pw, mask, grad_out, scale)):
-            grads[0] = _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=False, grad=True, coef=coef)[1]
+            if o.reduction == "mean":  # as the forward forms it (the mean's factor where it puts it), times grad_out
+                grads[0] = _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=False, grad=True,
+                                  scale_grad=True)[1] * grad_out.to(cd)
+            else:
+                grads[0] = _eager(x, t, alpha, weight, pw, mask, eps, o, scale, loss=False, grad=True, coef=coef)[1]
             grads[0] = grads[0].to(x.dtype)
         if any(need[i] and grads[i] is None for i in range(6)):
             p = _Parts(x, t, alpha, weight, pw, gamma, mask, eps, o)
@@ -728,10 +737,10 @@ def _check_targets(target: torch.Tensor, mask: torch.Tensor | None, shape) -> No
     accelerator it costs one host sync)."""
     if target.dtype == torch.bool or target.numel() == 0:
         return
-    lo, hi = torch.aminmax(C.min_max_ready(target.detach()))
+    t = target.detach() if target.requires_grad else target
+    lo, hi = torch.aminmax(C.min_max_ready(t))
     if lo.item() >= 0 and hi.item() <= 1:  # NaN fails both
         return
-    t = target.detach()
     bad = ~((t >= 0) & (t <= 1))
     if mask is not None:
         bad = bad & mask

@@ -77,7 +77,10 @@ def _log_p_where_underflowed(x: torch.Tensor, lpy: torch.Tensor, py: torch.Tenso
     """``lpy`` with log p_y recomputed from the logits (x_y - logsumexp x, in float64) at the positions whose p_y
     is below the compute dtype's smallest normal number, where log(p_y) has lost its digits (CPU: such positions
     are found and only their rows are read)."""
-    low = py < torch.finfo(py.dtype).tiny
+    tiny = torch.finfo(py.dtype).tiny
+    if not py.numel() or float(py.amin()) >= tiny:  # one read (a NaN p_y, of a row not counted, reads on)
+        return lpy
+    low = py < tiny
     if not bool(low.any()):
         return lpy
     if x.dim() == 1:  # one position: give it a dim, so that positions can be indexed
@@ -112,28 +115,31 @@ def _fused(x, ys, yk, weight, scale, o: _Opts, all_counted: bool,
         lpy_small = lp.gather(d, yk)
         p = lp.exp_()
         py = torch.exp(lpy_small)
-    u = p.scatter_(d, yk, 0.0).sum(d, keepdim=True)  # 1 - p_y
+    # 1 - p_y (a tensor source scatters faster than a number, where that matters)
+    u = p.scatter_(d, yk, torch.zeros_like(py) if py.numel() >= 4096 else 0.0).sum(d, keepdim=True)
     if host:  # log p_y = log1p(-u), as u log(p_y) / (1 - p_y): 1 - p_y is exact where p_y >= 1/2, and the ratio
         # restores the digits of u that p_y has lost (log1p itself is a scalar loop on the CPU); 0/0 at p_y = 1
-        lpy = torch.log(py).div_(1.0 - py).nan_to_num_(nan=-1.0, neginf=-math.inf).mul_(u)
+        lpy = torch.log(py).div_(torch.rsub(py, 1.0)).nan_to_num_(nan=-1.0, neginf=-math.inf).mul_(u)
         lpy = _log_p_where_underflowed(x, lpy, py, yk, d)
     else:
         lpy = torch.where(py > 0.5, torch.log1p(torch.neg(u)), lpy_small)
-    # Per position: f = -ℓ = m log p_y, and a = -κ (dℓ/dx = a p_k off the label, -a (1 - p_y) at it)
+    # Per position: f = -ℓ = m log p_y, and a = -κ (dℓ/dx = a p_k off the label, -a (1 - p_y) at it), a with the
+    # mean's factor in it
     n = o.gamma_int
-    a: Any = 1.0
+    mean = o.reduction == "mean"
+    a: Any = scale if mean else 1.0
     if o.gamma == 0.0:
         f = lpy
     elif n is not None:
         m1 = C.ipow(u, n - 1, inplace=False) if n > 1 else None  # u^(n-1)
-        f = lpy * (u if m1 is None else m1 * u)
+        f = lpy * u if m1 is None else (lpy * m1).mul_(u)
         if want_grad:  # -κ = u^(n-1) (u - n p log p)
-            a = torch.addcmul(u, py, lpy, value=-float(n))
-            a = a if m1 is None else a.mul_(m1)
+            k = a if m1 is None else (m1 * a if mean else m1)
+            a = torch.addcmul(u, py, lpy, value=-float(n)).mul_(k)
     else:
         f = lpy * _modulator(u, o)
         if want_grad:
-            a = torch.neg(_kappa(lpy, u, o, p=py))
+            a = _kappa(lpy, u, o, p=py).mul(-a)
     if weight is not None:
         wy = weight[yk]
         f = f * wy
@@ -144,12 +150,10 @@ def _fused(x, ys, yk, weight, scale, o: _Opts, all_counted: bool,
     if o.reduction == "none":
         loss = f.squeeze(d).neg()
     else:
-        loss = f.sum() * (-scale if o.reduction == "mean" else -1.0)
+        loss = f.sum() * (-scale if mean else -1.0)
     loss = loss if loss.dtype == x.dtype else loss.to(x.dtype)
     if not want_grad:
         return loss, None
-    if o.reduction == "mean":  # the gradient of the mean (a per-position factor)
-        a = a * scale
     if counted is not None:
         a = torch.where(counted, a if isinstance(a, torch.Tensor) else torch.full_like(u, a), 0.0)
     grad = p.scatter_(d, yk, torch.neg(u)).mul_(a)
@@ -608,7 +612,7 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, ignore_in
     per static facts and cached. None: the general path applies (and gives every error)."""
     if (type(gamma) not in (int, float) or type(label_smoothing) not in (int, float) or type(ignore_index) is not int
             or type(dim) is not int or type(reduction) is not str or torch.compiler.is_compiling()
-            or C.in_func_transform() or C.any_tangent(input, target)):
+            or C.in_func_transform() or C.has_tangent(input)):
         return None
     dev = input.device
     if dev.type not in ("cpu", "cuda") or target.device != dev or torch.is_autocast_enabled(dev.type):
