@@ -317,7 +317,7 @@ def linear_softmax_focal_loss(
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (divided by :math:`\sum_i w_{y_i}` over counted positions;
         0 when that is exactly 0).
       chunk_size: positions per chunk, an integer >= 1, or None: as many as keep one chunk's float32 logits
-        within 1/10 of all the logits' bytes and 64 MiB (``focal_spec.pick_chunk_size``).
+        within 1/9 of all the logits' bytes and 64 MiB (``focal_spec.pick_chunk_size``).
       process_group: a ``torch.distributed`` process group: with ``"mean"`` the denominator is all-reduced, as
         for :func:`focal_torch.softmax_focal_loss`.
 
