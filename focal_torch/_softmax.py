@@ -1,4 +1,4 @@
-"""Softmax focal loss (multi-class): torch's own log-softmax kernels for integer labels, and a formula of
+"""Softmax focal loss (multi-class): torch's own softmax kernel for integer labels, and a formula of
 plain differentiable operations, which autograd and every ``torch.func`` transform differentiate, for the rest."""
 
 from __future__ import annotations
@@ -429,13 +429,15 @@ def softmax_focal_loss(
     ``gamma=0`` every option combination equals ``F.cross_entropy``, in value and gradient.
 
     How it is computed. For integer labels, no smoothing, a known ``gamma`` and a gradient wanted for ``input``
-    only, in eager mode: the forward is ``torch.log_softmax`` (its output is saved, as ``F.cross_entropy`` saves it,
-    and nothing larger), and since :math:`\partial\ell_i/\partial x_k = \kappa_i(\delta_{k y_i} - p_k)` with one
-    scalar :math:`\kappa_i` per position, the backward is :math:`-\kappa_i e^{\log p_k}` off the label and
-    :math:`\kappa_i (1 - p_y)` at it: one pass over the saved log-probabilities. Small inputs with every position
-    counted compute that gradient with the loss and keep it (the log-softmax's size) for a backward of one
-    multiplication. Where :math:`p_y > 1/2`, :math:`1-p_y` is summed as :math:`\sum_{k\ne y} p_k` rather than taken
-    as :math:`1 - p_y`, so value and gradient keep full relative precision however dominant the class. Everything
+    only, in eager mode: the forward runs ``torch.softmax`` once (on an accelerator, ``torch.log_softmax`` and its
+    exponential), reads :math:`p_y`, sums :math:`1 - p_y = \sum_{k\ne y} p_k`, and since
+    :math:`\partial\ell_i/\partial x_k = \kappa_i(\delta_{k y_i} - p_k)` with one scalar :math:`\kappa_i` per
+    position, turns the softmax into that gradient in place: :math:`-\kappa_i p_k` off the label,
+    :math:`\kappa_i (1 - p_y)` at it. The gradient is kept (the logits' size, the bytes ``F.cross_entropy`` keeps for
+    its log-probabilities) and the backward is one multiplication, none for ``loss.backward()``. Since
+    :math:`1-p_y` is summed from the other classes rather than taken as :math:`1 - p_y`, and :math:`\log p_y` is
+    corrected with it (and recomputed from the logits where :math:`p_y` underflows), value and gradient keep full
+    relative precision however dominant or unlikely the class. Everything
     else (probabilities, smoothing, tensor ``gamma``, gradients for ``target``, ``weight`` or ``gamma``,
     ``torch.compile``, ``torch.func`` transforms, forward-mode AD, the meta device, double backward) uses a formula
     of plain differentiable ops, with :math:`1-p_c = \sum_{k\ne c} e^{x_k} / \sum_k e^{x_k}` (the arg-max class's
