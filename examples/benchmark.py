@@ -39,8 +39,8 @@ printed in capitals after the table.
 
 First calls: a fresh Python process (empty inductor cache) times each torch loss's first call on each size
 against its later calls (``--no-first-call`` skips it), after ten calls of each loss on a size of its own (a
-code path's first executions in a process cost more, once: ``WARM_CALLS``). Nothing is compiled behind a call, so
-the first call on a size costs no more than a few later ones.
+code path's first executions in a process cost more, once: ``WARM_CALLS``) and two on a neighbouring size right
+before. Nothing is compiled behind a call, so the first call on a size costs no more than a few later ones.
 
 Machine: the header and ``--json`` record the CPU model, the core and thread counts, the versions of Python,
 NumPy, torch, kornia, jax and optax, and the vector ISA each framework runs (torch's ATen dispatch level;
@@ -854,11 +854,13 @@ def _torch_losses(case: Case, x: Any, t: Any) -> tuple[Callable[[], Any], Callab
 
 
 def first_call_child(cases: list[Case], sizes: str, seed: int) -> list[dict]:
-    """In a fresh process: for each case, the framework's cross-entropy runs twice on the case's inputs (so that
-    the allocator and the thread pool have seen the size), then ours' first call on that size (forward + backward)
-    is timed, then the minimum of its next calls. Before the cases, each loss runs ``WARM_CALLS`` times on a size
-    of its own (2, 3): the first executions of a code path in a process cost more, once, whatever size they run
-    on; a kernel compiled per size or per key would show on every case's first call."""
+    """In a fresh process: for each case, ours runs twice on a neighbouring size (one more row: its code and data
+    back in the caches after the previous case's work, the allocator's memory for that size paged in), the framework's cross-entropy runs twice on the case's
+    inputs (so that the allocator and the thread pool have seen the size), then ours' first call on the case's
+    size (forward + backward) is timed, then the minimum of its next calls. Before the cases, each loss runs
+    ``WARM_CALLS`` times on a size of its own (2, 3): the first executions of a code path in a process cost more,
+    once, whatever size they run on. What is left is what a new size costs: a kernel compiled per size or per key
+    would show there."""
     import torch
 
     import focal_torch
@@ -880,6 +882,10 @@ def first_call_child(cases: list[Case], sizes: str, seed: int) -> list[dict]:
         def step(fn: Callable[[], Any], x: Any = x) -> None:
             torch.autograd.grad(fn(), x)
 
+        near_logits, near_targets = make_inputs(case.kind, (shape[0] + 1, *shape[1:]), seed + index)
+        near_x = torch.from_numpy(near_logits).requires_grad_(True)
+        for _ in range(2):  # twice: the first large allocations of a process also fault their pages in
+            step(_torch_losses(case, near_x, torch.from_numpy(near_targets))[0], near_x)
         for _ in range(2):
             step(ce)
         start = time.perf_counter()

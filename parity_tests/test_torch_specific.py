@@ -4,6 +4,7 @@ defects, each fixed."""
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 import warnings
@@ -512,10 +513,11 @@ def test_original_geometric_one_minus_p_is_exact(dtype, compiled):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax", "softmax-ignored", "softmax-weighted"])
 def test_retained_graph_gradients_stay_independent(loss, reduction):
     """``loss.backward()`` hands the kept gradient over when the graph is freed; with ``retain_graph`` it must not,
-    or a gradient changed in place (or accumulated into) would change the next backward's."""
+    or a gradient changed in place (or accumulated into) would change the next backward's. The later backwards
+    recompute it, with the labels, ignored positions and class weights of the call."""
     ft = _ft()
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(6, 5, generator=g) * 2).requires_grad_()
@@ -525,6 +527,10 @@ def test_retained_graph_gradients_stay_independent(loss, reduction):
     else:
         t = torch.randint(0, 5, (6,), generator=g)
         fn = ft.softmax_focal_loss
+        if loss == "softmax-ignored":
+            t[1] = -100
+        if loss == "softmax-weighted":
+            fn = functools.partial(ft.softmax_focal_loss, weight=torch.tensor([0.5, 2.0, 1.0, 0.25, 3.0]))
     out = fn(x, t, reduction=reduction)
     (grad,) = torch.autograd.grad(out, x, retain_graph=True)
     expected = grad.clone()
