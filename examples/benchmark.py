@@ -855,12 +855,12 @@ def _torch_losses(case: Case, x: Any, t: Any) -> tuple[Callable[[], Any], Callab
 
 def first_call_child(cases: list[Case], sizes: str, seed: int) -> list[dict]:
     """In a fresh process: for each case, ours runs twice on a neighbouring size (one more row: its code and data
-    back in the caches after the previous case's work, the allocator's memory for that size paged in), the framework's cross-entropy runs twice on the case's
-    inputs (so that the allocator and the thread pool have seen the size), then ours' first call on the case's
-    size (forward + backward) is timed, then the minimum of its next calls. Before the cases, each loss runs
-    ``WARM_CALLS`` times on a size of its own (2, 3): the first executions of a code path in a process cost more,
-    once, whatever size they run on. What is left is what a new size costs: a kernel compiled per size or per key
-    would show there."""
+    back in the caches after the previous case's work, the allocator's memory for that size paged in), the
+    framework's cross-entropy runs twice on the case's inputs (so that the allocator and the thread pool have seen
+    the size), then ours' first call on the case's size (forward + backward) is timed, then the minimum of its next
+    calls. Before the cases, each loss runs ``WARM_CALLS`` times on a size of its own (2, 3): the first executions
+    of a code path in a process cost more, once, whatever size they run on. What is left is what a new size costs:
+    a kernel compiled per size or per key would show there."""
     import torch
 
     import focal_torch
