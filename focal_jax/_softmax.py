@@ -87,9 +87,10 @@ def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float | jax.Ar
     # the exp pass ((k | code) < 0 exactly when code = -1).
     m_x = jnp.where(counted, jax.lax.stop_gradient(jnp.max(x, axis=axis, initial=-jnp.inf)), zero)
     m_k = jnp.expand_dims(m_x, axis)
-    x_y = jnp.take_along_axis(x - m_k, jnp.expand_dims(jnp.maximum(code, 0), axis), axis=axis,
-                              mode="promise_in_bounds")
-    z_y = jnp.where(counted, jnp.squeeze(x_y, axis), zero)
+    # x_y - M from the logits themselves (the same subtraction as (x - M)_y): x - M is then read by the exp pass
+    # only, and XLA fuses it there instead of writing it out
+    x_y = jnp.take_along_axis(x, jnp.expand_dims(jnp.maximum(code, 0), axis), axis=axis, mode="promise_in_bounds")
+    z_y = jnp.where(counted, jnp.squeeze(x_y, axis) - m_x, zero)
     if x.shape[axis] >= ROW_MASK_MIN_CLASSES:  # one select per element on a per-position condition
         z = jnp.where(jnp.expand_dims(counted, axis), x - m_k, zero)
     else:  # short rows: XLA's CPU code for a per-position condition over the class axis is slower there
