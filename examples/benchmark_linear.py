@@ -19,8 +19,19 @@ over its resident set before the step, less the bytes of the gradients the step 
 Targets: the fused loss's memory at most 1/8 of the unfused logits' bytes, its time at most 1.15× the unfused
 ``softmax_focal_loss`` and at most 1.3× the framework's cross-entropy. Each is printed MET or MISSED.
 
+Peers at γ = 0 (PyTorch, rows next to ``fused γ=0``, ours at γ = 0): Apple's Cut Cross-Entropy
+(``cut_cross_entropy.linear_cross_entropy``) when it imports, with its ``cce`` kernels on a GPU and its
+``torch_compile`` implementation on the CPU (which materialises the logits inside ``torch.compile``), and
+Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` on a GPU when it imports. Neither is a dependency.
+
+``--device cuda`` runs the case (8192, 4096, 128256) in bfloat16 on the GPU (memory: the peak of the device's
+allocator over what it held before the step, less the returned gradients; JAX on its GPU device, temporaries as
+above). ``--dtype bfloat16`` runs the CPU cases (or, with ``--quick``, small ones) in bfloat16.
+
 Run:
   python examples/benchmark_linear.py [--quick] [--json PATH] [--rounds N] [--only jax|torch]
+  python examples/benchmark_linear.py --device cuda                 # on a GPU
+  python examples/benchmark_linear.py --quick --dtype bfloat16      # the half-precision path, small, on the CPU
 """
 
 from __future__ import annotations
@@ -38,6 +49,9 @@ import numpy as np
 
 CASES = [(2048, 256, 32768), (512, 256, 131072)]
 QUICK_CASES = [(256, 32, 4096), (64, 32, 16384)]
+CUDA_CASES = [(8192, 4096, 128256)]  # a Llama-3-sized head
+CUDA_QUICK_CASES = [(512, 128, 16384)]
+ITEMSIZE_OF = {"bfloat16": "float16"}  # NumPy has no bfloat16: a dtype of the same size
 GAMMA = 2.0
 IGNORED = 0.05
 MEMORY_TARGET = 1 / 8
@@ -56,6 +70,11 @@ def inputs(n: int, d: int, v: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return h, w, y
 
 
+RTOL = {"float32": 2e-4, "bfloat16": 3e-2, "float16": 5e-3}
+"""Fused against unfused, max |error| / max |value|: float32 as the parity suite's bound for these sums; half
+precision with one rounding of the logits' gradient to the inputs' dtype beyond it (see the precision contract)."""
+
+
 def _close(a: Any, e: Any, what: str, rtol: float = 2e-4) -> str | None:
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
     err = float(np.max(np.abs(a - e))) if a.size else 0.0
@@ -68,21 +87,25 @@ def _close(a: Any, e: Any, what: str, rtol: float = 2e-4) -> str | None:
 # ----------------------------------------------------------------------------------------
 
 
-def jax_rows(n: int, d: int, v: int, rounds: int) -> tuple[list[dict], list[str]]:
+def jax_rows(n: int, d: int, v: int, rounds: int, device: str = "cpu",
+             dtype: str = "float32") -> tuple[list[dict], list[str]]:
+    """The JAX rows of one case and the mismatches found."""
     import jax
     import jax.numpy as jnp
     import optax
 
     import focal_jax
 
+    dev = jax.devices("gpu" if device == "cuda" else "cpu")[0]
     h_np, w_np, y_np = inputs(n, d, v)
-    h, w, y = jnp.asarray(h_np), jnp.asarray(w_np), jnp.asarray(y_np)
+    h, w, y = (jax.device_put(jnp.asarray(a), dev) for a in (h_np, w_np, y_np))
+    h, w = h.astype(dtype), w.astype(dtype)
     counted = y != -100
     fns = {
         "fused": lambda h, w: focal_jax.linear_softmax_focal_loss(h, w, y, gamma=GAMMA),
         "unfused": lambda h, w: focal_jax.softmax_focal_loss(h @ w.T, y, gamma=GAMMA),
         "framework CE": lambda h, w: jnp.sum(jnp.where(counted, optax.softmax_cross_entropy_with_integer_labels(
-            h @ w.T, jnp.maximum(y, 0)), 0.0)) / jnp.sum(counted),
+            (h @ w.T).astype(jnp.float32), jnp.maximum(y, 0)), 0.0)) / jnp.sum(counted),
     }
     compiled, memory = {}, {}
     for name, f in fns.items():
@@ -90,8 +113,10 @@ def jax_rows(n: int, d: int, v: int, rounds: int) -> tuple[list[dict], list[str]
         compiled[name] = c
         memory[name] = int(c.memory_analysis().temp_size_in_bytes)
     (va, ga), (ve, ge) = compiled["fused"](h, w), compiled["unfused"](h, w)
-    errors = [e for e in (_close(va, ve, "jax value"), _close(ga[0], ge[0], "jax d hidden"),
-                          _close(ga[1], ge[1], "jax d weight")) if e]
+    f32 = [np.asarray(jnp.asarray(t, jnp.float32)) for t in (va, ga[0], ga[1], ve, ge[0], ge[1])]
+    errors = [e for e in (_close(f32[0], f32[3], "jax value", RTOL[dtype]),
+                          _close(f32[1], f32[4], "jax d hidden", RTOL[dtype]),
+                          _close(f32[2], f32[5], "jax d weight", RTOL[dtype])) if e]
     times = dict.fromkeys(fns, float("inf"))
     for r in range(rounds):
         names = list(fns)
@@ -99,34 +124,60 @@ def jax_rows(n: int, d: int, v: int, rounds: int) -> tuple[list[dict], list[str]
             t = time.perf_counter()
             jax.block_until_ready(compiled[name](h, w))
             times[name] = min(times[name], time.perf_counter() - t)
-    return [dict(framework="jax", impl=k, n=n, d=d, v=v, seconds=times[k], memory_bytes=memory[k],
-                 memory_kind="compiled temp bytes") for k in fns], errors
+    return [dict(framework="jax", impl=k, n=n, d=d, v=v, dtype=dtype, device=device, seconds=times[k],
+                 memory_bytes=memory[k], memory_kind="compiled temp bytes") for k in fns], errors
 
 
 # ----------------------------------------------------------------------------------------
 # PyTorch
 # ----------------------------------------------------------------------------------------
 
+def torch_losses(y: Any, device: str) -> dict[str, Any]:
+    """name -> loss(h, w) of the PyTorch rows: ours fused and unfused, the framework's cross-entropy, ours at γ = 0
+    and the γ = 0 peers that import (their rows are left out otherwise)."""
+    import torch.nn.functional as F
+
+    import focal_torch
+
+    fns = {
+        "fused": lambda h, w: focal_torch.linear_softmax_focal_loss(h, w, y, gamma=GAMMA),
+        "unfused": lambda h, w: focal_torch.softmax_focal_loss(h @ w.T, y, gamma=GAMMA),
+        "framework CE": lambda h, w: F.cross_entropy((h @ w.T).float(), y),
+        "fused γ=0": lambda h, w: focal_torch.linear_softmax_focal_loss(h, w, y, gamma=0.0),
+    }
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        impl = "cce" if device == "cuda" else "torch_compile"
+        fns[f"CCE {impl} γ=0"] = lambda h, w: linear_cross_entropy(h, w, y, ignore_index=-100, impl=impl)
+    except ImportError:
+        pass
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+            fns["Liger γ=0"] = lambda h, w: liger(w, h, y)
+        except ImportError:
+            pass
+    return fns
+
+
 TORCH_STEP = r'''
-import sys, numpy as np, torch, torch.nn.functional as F
+import gc, sys, torch
 sys.path.insert(0, sys.argv[1])
-import focal_torch
-impl, n, d, v = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 sys.path.insert(0, sys.argv[6])
-from benchmark_linear import inputs, GAMMA
-torch.set_num_threads(max(torch.get_num_threads(), 1))
+from benchmark_linear import inputs, torch_losses
+impl, n, d, v, dtype = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[7]
 h_np, w_np, y_np = inputs(n, d, v)
-h = torch.from_numpy(h_np).requires_grad_(); w = torch.from_numpy(w_np).requires_grad_()
-y = torch.from_numpy(y_np)
+h = torch.from_numpy(h_np).to(getattr(torch, dtype)).requires_grad_()
+w = torch.from_numpy(w_np).to(getattr(torch, dtype)).requires_grad_()
+del h_np, w_np
+loss_fn = torch_losses(torch.from_numpy(y_np), "cpu")[impl]
+
+
 def step():
-    if impl == "fused":
-        loss = focal_torch.linear_softmax_focal_loss(h, w, y, gamma=GAMMA)
-    elif impl == "unfused":
-        loss = focal_torch.softmax_focal_loss(h @ w.T, y, gamma=GAMMA)
-    else:
-        loss = F.cross_entropy(h @ w.T, y)
-    loss.backward()
-import gc
+    loss_fn(h, w).backward()
 
 
 def status(key):  # kB, from /proc/self/status
@@ -146,34 +197,50 @@ print((status("VmHWM:") - before) * 1024 - grads)
 '''
 
 
-def torch_rows(n: int, d: int, v: int, rounds: int) -> tuple[list[dict], list[str]]:
-    import torch
-    import torch.nn.functional as F
+def _cpu_memory(name: str, n: int, d: int, v: int, dtype: str) -> int:
+    """Bytes one step of ``name`` holds beyond its inputs and returned gradients, in a fresh process (-1 if it
+    failed)."""
+    proc = subprocess.run([sys.executable, "-c", TORCH_STEP, str(ROOT), name, str(n), str(d), str(v),
+                           str(pathlib.Path(__file__).resolve().parent), dtype], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else -1
 
-    import focal_torch
+
+def torch_rows(n: int, d: int, v: int, rounds: int, device: str = "cpu", dtype: str = "float32",
+               memory: bool = True) -> tuple[list[dict], list[str]]:
+    """The PyTorch rows of one case and the mismatches found (``memory=False``: no memory measured, -1)."""
+    import torch
 
     h_np, w_np, y_np = inputs(n, d, v)
-    y = torch.from_numpy(y_np)
-    has_fused = hasattr(focal_torch, "linear_softmax_focal_loss")
-    fns = {
-        "unfused": lambda h, w: focal_torch.softmax_focal_loss(h @ w.T, y, gamma=GAMMA),
-        "framework CE": lambda h, w: F.cross_entropy(h @ w.T, y),
-    }
-    if has_fused:
-        fns = {"fused": lambda h, w: focal_torch.linear_softmax_focal_loss(h, w, y, gamma=GAMMA), **fns}
+    y = torch.from_numpy(y_np).to(device)
+    tdtype = getattr(torch, dtype)
+    h0 = torch.from_numpy(h_np).to(device=device, dtype=tdtype)
+    w0 = torch.from_numpy(w_np).to(device=device, dtype=tdtype)
+    del h_np, w_np
+    fns = torch_losses(y, device)
+    cuda = device == "cuda"
 
-    def run(f):
-        h = torch.from_numpy(h_np).requires_grad_()
-        w = torch.from_numpy(w_np).requires_grad_()
+    def run(f, memory: bool = False):
+        h, w = h0.detach().requires_grad_(), w0.detach().requires_grad_()
+        if memory:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         loss = f(h, w)
         loss.backward()
-        return loss.detach(), h.grad, w.grad
+        if cuda:
+            torch.cuda.synchronize()
+        if memory:
+            grads = sum(t.grad.numel() * t.grad.element_size() for t in (h, w))
+            return torch.cuda.max_memory_allocated() - before - grads
+        return loss.detach().float(), h.grad.float(), w.grad.float()
 
+    results = {name: run(f) for name, f in fns.items()}  # also the warm-up (a compiled peer compiles here)
     errors = []
-    if has_fused:
-        (va, ha, wa), (ve, he, we) = run(fns["fused"]), run(fns["unfused"])
-        errors = [e for e in (_close(va, ve, "torch value"), _close(ha, he, "torch d hidden"),
-                              _close(wa, we, "torch d weight")) if e]
+    for ours, other in [("fused", "unfused")] + [("fused γ=0", k) for k in fns if k.startswith(("CCE", "Liger"))]:
+        errors += [e for e in (_close(results[ours][i].cpu(), results[other][i].cpu(), f"torch {what} {other}",
+                                      RTOL[dtype])
+                               for i, what in enumerate(("value", "d hidden", "d weight"))) if e]
     times = dict.fromkeys(fns, float("inf"))
     for r in range(rounds):
         names = list(fns)
@@ -183,12 +250,11 @@ def torch_rows(n: int, d: int, v: int, rounds: int) -> tuple[list[dict], list[st
             times[name] = min(times[name], time.perf_counter() - t)
     rows = []
     for name in fns:
-        proc = subprocess.run([sys.executable, "-c", TORCH_STEP, str(ROOT), name, str(n), str(d), str(v),
-                               str(pathlib.Path(__file__).resolve().parent)], capture_output=True, text=True,
-                              timeout=600, env=dict(os.environ))
-        mem = int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else -1
-        rows.append(dict(framework="torch", impl=name, n=n, d=d, v=v, seconds=times[name], memory_bytes=mem,
-                         memory_kind="peak RSS over the RSS before the step, less the returned gradients"))
+        mem = -1 if not memory else run(fns[name], memory=True) if cuda else _cpu_memory(name, n, d, v, dtype)
+        rows.append(dict(framework="torch", impl=name, n=n, d=d, v=v, dtype=dtype, device=device,
+                         seconds=times[name], memory_bytes=mem,
+                         memory_kind=("peak of the device's allocator over the step's start" if cuda else
+                                      "peak RSS over the RSS before the step") + ", less the returned gradients"))
     return rows, errors
 
 
@@ -206,7 +272,7 @@ def targets(rows: list[dict]) -> list[dict]:
         if "fused" not in by:
             continue
         f = by["fused"]
-        logits = 4 * n * v
+        logits = np.dtype(ITEMSIZE_OF.get(f.get("dtype", "float32"), "float32")).itemsize * n * v
         checks = [("memory <= 1/8 of the logits' bytes", f["memory_bytes"] / logits, MEMORY_TARGET),
                   ("time <= 1.15x unfused softmax_focal_loss", f["seconds"] / by["unfused"]["seconds"],
                    TIME_TARGET_UNFUSED),
@@ -223,20 +289,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 2)")
     parser.add_argument("--only", choices=("jax", "torch"), default=None, help="one framework only")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write rows and targets as JSON")
-    return parser.parse_args(argv)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: the CPU cases; cuda: (8192, 4096, 128256) in bfloat16 on the GPU")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="the hidden states' and the weight's dtype (default float32 on cpu, bfloat16 on cuda)")
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.device == "cuda" and args.only != "jax":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+    return args
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Every row (framework, impl, n, d, v, seconds, memory_bytes) of the run. Raises SystemExit(1) when the
     fused loss does not match the unfused one."""
-    cases = QUICK_CASES if args.quick else CASES
+    if args.device == "cuda":
+        cases = CUDA_QUICK_CASES if args.quick else CUDA_CASES
+    else:
+        cases = QUICK_CASES if args.quick else CASES
     rounds = args.rounds or (2 if args.quick else 5)
     rows: list[dict] = []
     errors: list[str] = []
     for n, d, v in cases:
         for fw, fn in (("jax", jax_rows), ("torch", torch_rows)):
             if args.only in (None, fw):
-                r, e = fn(n, d, v, rounds)
+                r, e = fn(n, d, v, rounds, args.device, args.dtype)
                 rows += r
                 errors += [f"({n}, {d}, {v}) {x}" for x in e]
     if errors:
@@ -248,9 +329,10 @@ def run(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rows = run(args)
-    print(f"{'framework':9} {'(N, D, V)':>20} {'impl':>13} {'ms':>9} {'MiB':>9}")
+    print(f"device {args.device}, dtype {args.dtype}")
+    print(f"{'framework':9} {'(N, D, V)':>20} {'impl':>24} {'ms':>9} {'MiB':>9}")
     for r in rows:
-        print(f"{r['framework']:9} {str((r['n'], r['d'], r['v'])):>20} {r['impl']:>13} {1e3 * r['seconds']:9.1f} "
+        print(f"{r['framework']:9} {str((r['n'], r['d'], r['v'])):>20} {r['impl']:>24} {1e3 * r['seconds']:9.1f} "
               f"{r['memory_bytes'] / 2**20:9.1f}")
     tg = targets(rows)
     for t in tg:
