@@ -342,7 +342,8 @@ def test_softmax_bool_option_raises_after_the_equal_int_was_cached(name, number,
 # ----------------------------------------------------------------------------------------
 
 SMALL = (2, 5, 6, 7)  # fused: dℓ/dx computed with the loss
-MID = (2, 8, 96, 48)  # above softmax's FUSE_MAX (the log-softmax kernels); sigmoid's buffered pieces
+MID = (2, 8, 96, 48)  # softmax: at least 4096 positions (the label's entry cleared from a tensor); sigmoid's buffered
+# pieces
 LARGE = (8, 8, 24, 48)  # sigmoid's large path (FUSE_MAX lowered below it): the backward recomputes, in rows
 
 CL_PATHS = {
