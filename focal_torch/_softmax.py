@@ -139,7 +139,7 @@ def _fused(x, ys, yk, weight, scale, o: _Opts, all_counted: bool,
     else:
         f = lpy * _modulator(u, o)
         if want_grad:
-            a = _kappa(lpy, u, o, p=py).mul(-a)
+            a = cast(torch.Tensor, _kappa(lpy, u, o, p=py)).mul(-a)  # a tensor for a fractional γ
     if weight is not None:
         wy = weight[yk]
         f = f * wy
@@ -182,7 +182,7 @@ class _IndexFocal(torch.autograd.Function):
             # The labels and weights (never differentiated here) are read only to recompute: plain attributes
             ctx.args = (ys, yk, weight, scale, o, all_counted, x.dtype)
             C.hold_logits(ctx, x)
-            C.keep(ctx, grad)  # handed over by a backward that may (C.hand_over)
+            C.keep(ctx, cast(torch.Tensor, grad))  # handed over by a backward that may (C.hand_over)
         return loss
 
     @staticmethod
