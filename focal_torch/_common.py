@@ -67,7 +67,7 @@ no ``.item()``): the tests set it to exercise on the CPU what a GPU runs."""
 def is_host(t: torch.Tensor) -> bool:
     """Whether ``t`` takes the CPU code paths (chunked kernels, free value reads): a CPU tensor, unless
     :data:`ACCELERATOR_PATHS` is set."""
-    return t.device.type == "cpu" and not ACCELERATOR_PATHS
+    return t.is_cpu and not ACCELERATOR_PATHS
 
 
 def has_tangent(t: Any) -> bool:
@@ -86,6 +86,14 @@ def is_differentiated(t: Any) -> bool:
     """Whether a gradient or tangent may flow through ``t``: it requires grad, is wrapped by a ``torch.func``
     transform, or is a forward-mode dual tensor. Such an option stays a tensor input of the loss."""
     return isinstance(t, torch.Tensor) and (t.requires_grad or is_transformed(t) or has_tangent(t))
+
+
+def plain_eager(t: torch.Tensor) -> bool:
+    """Whether a call on ``t`` runs eagerly on plain tensors: outside ``torch.compile`` and ``torch.func``
+    transforms, and ``t`` without a forward-mode tangent (:func:`in_func_transform`, :func:`has_tangent`, in one
+    call for the fast paths)."""
+    return (not torch.compiler.is_compiling() and _functorch.maybe_current_level() is None
+            and torch.autograd.forward_ad.unpack_dual(t).tangent is None)
 
 
 def in_func_transform() -> bool:

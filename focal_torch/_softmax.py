@@ -4,6 +4,7 @@ plain differentiable operations, which autograd and every ``torch.func`` transfo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, NamedTuple, cast
 
@@ -69,29 +70,76 @@ def _kappa(lpy: torch.Tensor, u: torch.Tensor, o: _Opts, gamma: Any = None,
 def _host_select(t: torch.Tensor) -> bool:
     """Whether data-dependent selection (counting, boolean indexing) is free for ``t``: the CPU only.
     On an accelerator it would sync, so there the whole-tensor form runs instead."""
-    return t.device.type == "cpu"
+    return t.is_cpu
 
 
-def _log_p_where_underflowed(x: torch.Tensor, lpy: torch.Tensor, py: torch.Tensor, yk: torch.Tensor,
+SMALL_POSITIONS = 4096
+"""Below this many positions the CPU forms log p_y as -log1p((1 - p_y) / p_y), two calls, where a call costs more
+than its arithmetic; at and above it, with vectorised kernels only (ATen's ``log1p`` is a scalar loop on the CPU).
+Also the size from which the label's entry is cleared from a tensor source (faster there than a number)."""
+
+
+def _log_p_where_underflowed(x: torch.Tensor, lq: torch.Tensor, py: torch.Tensor, yk: torch.Tensor,
                              d: int) -> torch.Tensor:
-    """``lpy`` with log p_y recomputed from the logits (x_y - logsumexp x, in float64) at the positions whose p_y
-    is below the compute dtype's smallest normal number, where log(p_y) has lost its digits (CPU: such positions
-    are found and only their rows are read)."""
+    """``lq`` (-log p_y) with -log p_y recomputed from the logits (logsumexp x - x_y, in float64) at the positions
+    whose p_y is below the compute dtype's smallest normal number, where p_y has lost its digits (CPU: such
+    positions are found and only their rows are read)."""
     tiny = torch.finfo(py.dtype).tiny
     if not py.numel() or float(py.amin()) >= tiny:  # one read (a NaN p_y, of a row not counted, reads on)
-        return lpy
+        return lq
     low = py < tiny
     if not bool(low.any()):
-        return lpy
+        return lq
     if x.dim() == 1:  # one position: give it a dim, so that positions can be indexed
-        return _log_p_where_underflowed(x.unsqueeze(0), lpy.unsqueeze(0), py.unsqueeze(0), yk.unsqueeze(0),
+        return _log_p_where_underflowed(x.unsqueeze(0), lq.unsqueeze(0), py.unsqueeze(0), yk.unsqueeze(0),
                                         d + 1).squeeze(0)
     sel = low.squeeze(d).nonzero(as_tuple=True)
     rows = x.movedim(d, -1)[sel].to(torch.float64)  # (K, C)
-    exact = rows.gather(1, yk.squeeze(d)[sel].unsqueeze(1)).squeeze(1) - torch.logsumexp(rows, 1)
-    lpy = lpy.clone()
-    lpy.squeeze(d).index_put_(sel, exact.to(lpy.dtype))
-    return lpy
+    exact = torch.logsumexp(rows, 1) - rows.gather(1, yk.squeeze(d)[sel].unsqueeze(1)).squeeze(1)
+    lq = lq.clone()
+    lq.squeeze(d).index_put_(sel, exact.to(lq.dtype))
+    return lq
+
+
+def _is_one(v: Any) -> bool:
+    """Whether ``v`` is the number 1 (a factor to leave out)."""
+    return not isinstance(v, torch.Tensor) and v == 1.0
+
+
+@functools.lru_cache(maxsize=64)
+def _number_tensor(v: float, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` as a 0-d CPU tensor of ``dtype``, never written to: an operand that no op has to convert (a Python
+    float is wrapped as a float64 tensor and copied to the other operand's dtype at every op)."""
+    return torch.tensor(v, dtype=dtype)
+
+
+def _terms(q: torch.Tensor, u: torch.Tensor, py: torch.Tensor, o: _Opts, sv: Any,
+           want_grad: bool) -> tuple[torch.Tensor, Any]:
+    """Per position, from q = -log p_y and u = 1 - p_y: ℓ = m q (m = u^γ) and a = -κ (dℓ/dx = a p_k off the label,
+    -a (1 - p_y) at it; a number where it is one), each times ``sv`` (the mean's factor, or 1)."""
+    n = o.gamma_int
+    s: Any = sv  # None: 1
+    if type(sv) is float:
+        s = None if sv == 1.0 else sv if C.is_compiling() else _number_tensor(sv, q.dtype)
+    a: Any = 1.0 if s is None else s
+    if o.gamma == 0.0:
+        f = q if s is None else q * s
+    elif n is not None:
+        m1 = None if n == 1 else u if n == 2 else C.ipow(u, n - 1, inplace=False)  # u^(n-1)
+        k = s if m1 is None else (m1 if s is None else m1 * s)  # None: 1
+        f = q * u
+        if k is not None:
+            f = f.mul_(k)
+        if want_grad:  # -κ = u^(n-1) (u + n p q)
+            a = torch.addcmul(u, py, q, value=float(n))
+            a = a if k is None else a.mul_(k)
+    else:
+        f = q * _modulator(u, o)
+        if s is not None:
+            f = f.mul_(s)
+        if want_grad:  # a tensor for a fractional γ
+            a = cast(torch.Tensor, _kappa(torch.neg(q), u, o, p=py)).mul_(-1.0 if s is None else -s)
+    return f, a
 
 
 def _fused(x, ys, yk, weight, scale, o: _Opts, all_counted: bool,
@@ -99,11 +147,11 @@ def _fused(x, ys, yk, weight, scale, o: _Opts, all_counted: bool,
     """The reduced loss (in ``x``'s dtype) and, where ``want_grad``, dℓ/dx of it, formed together from one softmax.
 
     With p = softmax(x) (on the CPU torch's softmax; elsewhere exp of the log-softmax, whose log p_y needs no
-    reading of values): 1 - p_y = Σ_{k≠y} p_k, a sum of non-negative terms, accurate at every margin; log p_y is
-    log1p(-(1 - p_y)) where p_y > 1/2 (where log p_y would have lost the digits of 1 - p_y), log p_y elsewhere
-    (on the CPU log of p_y, recomputed from the logits where p_y is subnormal); dℓ/dx_k = κ (δ_ky - p_k), which
-    overwrites p in place: -κ p_k off the label, κ (1 - p_y) at it. Positions not counted (label -1 in ``ys``)
-    give 0 and a zero gradient, whatever their logits hold."""
+    reading of values): 1 - p_y = Σ_{k≠y} p_k, a sum of non-negative terms, accurate at every margin, and
+    q = -log p_y from it (see below), accurate at every margin too; dℓ/dx_k = κ (δ_ky - p_k), which overwrites p in
+    place: -κ p_k off the label, κ (1 - p_y) at it. Positions not counted (label -1 in ``ys``) give 0 and a zero
+    gradient, whatever their logits hold. The labels are gathered before anything else is written: a label
+    outside [0, C) raises torch's RuntimeError here (CPU), with nothing changed."""
     d = o.dim
     xc = x if x.dtype == o.cdtype else x.to(o.cdtype)
     host = _host_select(x)
@@ -115,31 +163,25 @@ def _fused(x, ys, yk, weight, scale, o: _Opts, all_counted: bool,
         lpy_small = lp.gather(d, yk)
         p = lp.exp_()
         py = torch.exp(lpy_small)
-    # 1 - p_y (a tensor source scatters faster than a number, where that matters)
-    u = p.scatter_(d, yk, torch.zeros_like(py) if py.numel() >= 4096 else 0.0).sum(d, keepdim=True)
-    if host:  # log p_y = log1p(-u), as u log(p_y) / (1 - p_y): 1 - p_y is exact where p_y >= 1/2, and the ratio
-        # restores the digits of u that p_y has lost (log1p itself is a scalar loop on the CPU); 0/0 at p_y = 1
-        lpy = torch.log(py).div_(torch.rsub(py, 1.0)).nan_to_num_(nan=-1.0, neginf=-math.inf).mul_(u)
-        lpy = _log_p_where_underflowed(x, lpy, py, yk, d)
+    small = py.numel() < SMALL_POSITIONS
+    u = p.scatter_(d, yk, 0.0 if small else torch.zeros_like(py)).sum(d, keepdim=True)  # 1 - p_y
+    nu = torch.neg(u)  # the gradient's label entry is -a (1 - p_y)
+    sv = scale if o.reduction == "mean" else 1.0
+    # A reduced loss of few positions (CPU, no weight or ignored label) is its own check: see below
+    lazy = host and small and o.reduction != "none" and weight is None and all_counted and not C.is_compiling()
+    if host and small:  # q = log1p((1 - p_y) / p_y): both accurate where p_y is normal, so the ratio and q are;
+        # where p_y is subnormal, q has an absolute error of at most ulp(p_y) / p_y while the ratio is finite
+        # (< 5e-7 (float32), 9e-16 (float64), on a q above 87 or 708), and is inf beyond (p_y = 0 included)
+        q = torch.div(u, py).log1p_()
+        if not lazy:
+            q = _log_p_where_underflowed(x, q, py, yk, d)
+    elif host:  # q = -log1p(-u) as -u log(p_y) / (1 - p_y): 1 - p_y is exact where p_y >= 1/2, and the ratio
+        # restores the digits of u that p_y has lost; 0/0 at p_y = 1
+        q = torch.log(py).div_(torch.rsub(py, 1.0)).nan_to_num_(nan=-1.0, neginf=-math.inf).mul_(nu)
+        q = _log_p_where_underflowed(x, q, py, yk, d)
     else:
-        lpy = torch.where(py > 0.5, torch.log1p(torch.neg(u)), lpy_small)
-    # Per position: f = -ℓ = m log p_y, and a = -κ (dℓ/dx = a p_k off the label, -a (1 - p_y) at it), a with the
-    # mean's factor in it
-    n = o.gamma_int
-    mean = o.reduction == "mean"
-    a: Any = scale if mean else 1.0
-    if o.gamma == 0.0:
-        f = lpy
-    elif n is not None:
-        m1 = C.ipow(u, n - 1, inplace=False) if n > 1 else None  # u^(n-1)
-        f = lpy * u if m1 is None else (lpy * m1).mul_(u)
-        if want_grad:  # -κ = u^(n-1) (u - n p log p)
-            k = a if m1 is None else (m1 * a if mean else m1)
-            a = torch.addcmul(u, py, lpy, value=-float(n)).mul_(k)
-    else:
-        f = lpy * _modulator(u, o)
-        if want_grad:
-            a = cast(torch.Tensor, _kappa(lpy, u, o, p=py)).mul(-a)  # a tensor for a fractional γ
+        q = torch.where(py > 0.5, torch.log1p(nu), lpy_small).neg_()
+    f, a = _terms(q, u, py, o, sv, want_grad)
     if weight is not None:
         wy = weight[yk]
         f = f * wy
@@ -147,16 +189,20 @@ def _fused(x, ys, yk, weight, scale, o: _Opts, all_counted: bool,
     counted = None if all_counted else (ys >= 0).unsqueeze(d)
     if counted is not None:
         f = torch.where(counted, f, 0.0)
-    if o.reduction == "none":
-        loss = f.squeeze(d).neg()
-    else:
-        loss = f.sum() * (-scale if mean else -1.0)
+    loss = f.squeeze(d) if o.reduction == "none" else f.sum()
+    if lazy and not math.isfinite(float(loss)):  # an infinite q (or a NaN logit): recomputed where p_y is subnormal
+        q1 = _log_p_where_underflowed(x, q, py, yk, d)
+        if q1 is not q:
+            f, a = _terms(q1, u, py, o, sv, want_grad)
+            loss = f.sum()
     loss = loss if loss.dtype == x.dtype else loss.to(x.dtype)
     if not want_grad:
         return loss, None
     if counted is not None:
         a = torch.where(counted, a if isinstance(a, torch.Tensor) else torch.full_like(u, a), 0.0)
-    grad = p.scatter_(d, yk, torch.neg(u)).mul_(a)
+    grad = p.scatter_(d, yk, nu)
+    if not _is_one(a):
+        grad = grad.mul_(a)
     # Positions not counted may hold NaN/inf logits, whose softmax rows are NaN: their gradient must be cleared,
     # which costs a pass. On the CPU whether any does is free to find out.
     if counted is not None and (not host or bool((~counted & ~torch.isfinite(py)).any())):
@@ -174,29 +220,26 @@ class _IndexFocal(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, ys, yk, weight, scale, o: _Opts, all_counted: bool):
+    def forward(ctx, x, args):
+        # args: (ys, yk, weight, scale, o, all_counted), none differentiated here; autocast is off (the callers)
         want = ctx.needs_input_grad[0]
-        with _no_autocast(x.device):
-            loss, grad = _fused(x, ys, yk, weight, scale, o, all_counted, want)
+        loss, grad = _fused(x, *args, want)
         if want:
-            # The labels and weights (never differentiated here) are read only to recompute: plain attributes
-            ctx.args = (ys, yk, weight, scale, o, all_counted, x.dtype)
+            # The labels and weights are read only to recompute: plain attributes
+            ctx.args, ctx.x_dtype = args, x.dtype
             C.hold_logits(ctx, x)
-            C.keep(ctx, cast(torch.Tensor, grad))  # handed over by a backward that may (C.hand_over)
+            ctx.kept = grad  # C.keep: handed over by a backward that may (C.hand_over)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        none = (None,) * 6
-        if not ctx.needs_input_grad[0]:
-            return (None, *none)
-        ys, yk, weight, scale, o, all_counted, x_dtype = ctx.args
+        ys, yk, weight, scale, o, all_counted = ctx.args
+        x_dtype = ctx.x_dtype
+        if torch.is_grad_enabled():
+            return _index_double_backward(ctx, grad_out), None
         kept = ctx.kept
-        grad_mode = torch.is_grad_enabled()
-        if kept is not None and not grad_mode and o.reduction != "none" and C.hand_over(ctx, kept, grad_out, x_dtype):
-            return kept, *none  # loss.backward(): the gradient (the mean's 1/n in it)
-        if grad_mode:
-            return _index_double_backward(ctx, grad_out), *none
+        if kept is not None and o.reduction != "none" and C.hand_over(ctx, kept, grad_out, x_dtype):
+            return kept, None  # loss.backward(): the gradient (the mean's 1/n in it)
         if kept is None:  # handed over to an earlier backward of a retained graph: recomputed
             x = C.held_logits(ctx, "softmax_focal_loss")
             with _no_autocast(x.device):
@@ -205,7 +248,7 @@ class _IndexFocal(torch.autograd.Function):
         if o.reduction == "none":
             go = go.unsqueeze(o.dim)
         g = kept * go
-        return (g if g.dtype == x_dtype else g.to(x_dtype)), *none
+        return (g if g.dtype == x_dtype else g.to(x_dtype)), None
 
 
 _apply_plain = _IndexFocal.apply
@@ -213,7 +256,8 @@ _apply_plain = _IndexFocal.apply
 def _index_double_backward(ctx, grad_out):
     """The logits' gradient as a differentiable function of the logits and of ``grad_out``."""
     x = C.held_logits(ctx, "softmax_focal_loss")
-    ys, _, weight, scale, o, all_counted, x_dtype = ctx.args
+    ys, _, weight, scale, o, all_counted = ctx.args
+    x_dtype = ctx.x_dtype
     counted = ys >= 0
     with torch.enable_grad():
         xg = x if x.requires_grad else x.detach().requires_grad_()
@@ -512,7 +556,13 @@ def softmax_focal_loss(
             and type(target) is torch.Tensor and not target.is_floating_point()):
         plain = _plain_call(input, target, gamma, ignore_index, label_smoothing, dim, reduction)
         if plain is not None:
-            return _apply_plain(input, *plain, True)
+            args, checked = plain
+            if checked:
+                return _apply_plain(input, args)
+            try:  # labels checked by the kernel's gather (CPU): one outside [0, C) raises before any result
+                return _apply_plain(input, args)
+            except RuntimeError:
+                pass  # an ignored label, or one out of range: the general path computes or says which
     target = C.checked_target(input, target, weight=weight, where=where)
     dev = input.device
     focal_spec.check_weight("weight", C.spec_value(weight))  # values: outside the cached validation
@@ -585,7 +635,8 @@ def softmax_focal_loss(
         if o.reduction == "mean":
             count = _index_count(ys if not all_counted else None, yk, weight_t, y.numel(), d)
             scale = _scale(count, process_group, opts, dev)
-        return _IndexFocal.apply(input, ys, yk, weight_t, scale, opts, all_counted)
+        with _no_autocast(dev):
+            return _IndexFocal.apply(input, (ys, yk, weight_t, scale, opts, all_counted))
 
     labels = y if valid is None else torch.where(valid, y, 0)
     if bad is not None:
@@ -609,15 +660,16 @@ _PLAIN: dict[tuple, _Opts | None] = {}
 def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, ignore_index: Any, label_smoothing: Any,
                 dim: Any, reduction: Any) -> tuple | None:
     """The common call, with little Python between the user and the kernels: integer labels, all in range
-    (checked at every call: one read), none ignored, a number γ, no smoothing, weight, where or process group,
+    (checked at every call, by one read or by the kernel's gather: the flag returned with the arguments says
+    which), none ignored, a number γ, no smoothing, weight, where or process group,
     eager, outside ``torch.func`` and forward-mode AD, autocast off. Its options are validated by the spec once
     per static facts and cached. None: the general path applies (and gives every error)."""
     if (type(gamma) not in (int, float) or type(label_smoothing) not in (int, float) or type(ignore_index) is not int
-            or type(dim) is not int or type(reduction) is not str or torch.compiler.is_compiling()
-            or C.in_func_transform() or C.has_tangent(input)):
+            or type(dim) is not int or type(reduction) is not str or not C.plain_eager(input)):
         return None
     dev = input.device
-    if dev.type not in ("cpu", "cuda") or target.device != dev or torch.is_autocast_enabled(dev.type):
+    if (not (input.is_cpu or input.is_cuda) or target.device != dev
+            or torch.is_autocast_enabled("cpu" if input.is_cpu else "cuda")):
         return None
     key = (input.shape, input.dtype, dev, target.shape, target.dtype, gamma, ignore_index, label_smoothing, dim,
            reduction)
@@ -637,12 +689,17 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, ignore_in
     n = target.numel()
     if n == 0:
         return None
-    lo_t, hi_t = torch.aminmax(C.min_max_ready(target))  # the label check's one read (a host sync off the CPU)
-    lo, hi = int(lo_t), int(hi_t)
-    if lo < 0 or hi >= o.num_classes or lo <= ignore_index <= hi:  # out of range or ignored: the general path
-        return None
+    # Labels in [0, C) and none ignored: on the CPU, for few positions, with an ignore_index outside [0, C), the
+    # kernel's own gather checks them (a call costs more than its arithmetic there); else one read here (a host
+    # sync off the CPU)
+    unchecked = n < SMALL_POSITIONS and _host_select(input) and not 0 <= ignore_index < o.num_classes
+    if not unchecked:
+        lo_t, hi_t = torch.aminmax(C.min_max_ready(target))
+        lo, hi = int(lo_t), int(hi_t)
+        if lo < 0 or hi >= o.num_classes or lo <= ignore_index <= hi:  # out of range or ignored: the general path
+            return None
     y = target if target.dtype == torch.int64 else target.long()
-    return y, y.unsqueeze(o.dim), None, (1.0 / n if o.reduction == "mean" else 1.0), o
+    return (y, y.unsqueeze(o.dim), None, (1.0 / n if o.reduction == "mean" else 1.0), o, True), not unchecked
 
 
 def _index_count(ys, yk, weight, n, d):

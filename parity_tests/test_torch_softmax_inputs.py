@@ -340,8 +340,9 @@ def test_empty_batch(reduction):
 
 
 # ----------------------------------------------------------------------------------------
-# Dominant classes: both branches of the 1 - p_y computation (the CPU one selects rows; the
-# accelerator one, forced here, sums every row) against the float64 reference.
+# Dominant classes: each way of forming -log p_y (the CPU's ratio for few positions, its
+# vectorised form for many, forced here by moving the threshold, and the accelerator's,
+# forced here too) against the float64 reference.
 # ----------------------------------------------------------------------------------------
 
 
@@ -353,24 +354,51 @@ def _dominant_rows() -> tuple[np.ndarray, np.ndarray]:
     return np.array(rows), np.array(labels)
 
 
-@pytest.mark.parametrize("branch", ["cpu-few-rows", "cpu-many-rows", "accelerator"])
+@pytest.mark.parametrize("branch", ["cpu-few-positions", "cpu-many-positions", "accelerator"])
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 0.5, 3.0], ids=lambda g: f"gamma={g}")
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_dominant_classes_match_reference(monkeypatch, branch, gamma, dtype):
-    """On the CPU, few dominant positions are summed row by row and many through the softmax of all."""
+    """Margins from 0 to 100 (p_y from 1/4 to 1, and to below the smallest normal number), both label sides."""
     from focal_torch import _softmax
 
     if branch == "accelerator":
         monkeypatch.setattr(_softmax, "_host_select", lambda t: False)
+    if branch == "cpu-many-positions":
+        monkeypatch.setattr(_softmax, "SMALL_POSITIONS", 0)
     ft = _ft()
     x, y = _dominant_rows()
-    if branch == "cpu-few-rows":  # mostly positions whose label is not the likely class
-        x = np.concatenate([x, np.tile([[0.0, 2.0, 2.5, 3.0]], (10 * len(x), 1))])
-        y = np.concatenate([y, np.zeros(10 * len(y), np.int64)])
     x = np.asarray(H.round_to(x, dtype), np.float64)
     ref_v, ref_g = reference.softmax_focal_loss(x, y, axis=1, gamma=gamma, reduction="none")
     v, g = _value_and_grad(lambda z: ft.softmax_focal_loss(z, torch.as_tensor(y), gamma=gamma, reduction="none"),
                            torch.tensor(x, dtype=getattr(torch, dtype)))
+    H.assert_close(v, ref_v, dtype, "value")
+    H.assert_close(g, _label_entry_exact(ref_g, y), dtype, "gradient")
+
+
+@pytest.mark.parametrize("option", ["plain", "weight", "ignored"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 0.5], ids=lambda g: f"gamma={g}")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_underflowed_p_y_matches_reference(option, reduction, gamma, dtype):
+    """p_y subnormal (margins 88 and 709: -log p_y from the ratio, which is finite) and beyond (margins 100, 720,
+    745: the ratio overflows, p_y is 0 at the last, and -log p_y is recomputed from the logits; a reduced call of
+    few positions finds out from its own non-finite value)."""
+    ft = _ft()
+    x, y = _dominant_rows()
+    extra = [[0.0, 88.0, 0.0, 0.0], [0.0, 709.0, 0.0, 0.0], [0.0, 720.0, 0.0, 0.0], [0.0, 745.0, 1.0, 0.0]]
+    x = np.concatenate([x, extra])
+    y = np.concatenate([y, [0, 0, 0, 0]])
+    if option == "ignored":
+        y[1::3] = -100
+    w = np.array([0.5, 2.0, 1.0, 1.5]) if option == "weight" else None
+    x = np.asarray(H.round_to(x, dtype), np.float64)
+    ref_v, ref_g = reference.softmax_focal_loss(x, y, axis=1, gamma=gamma, weight=w, reduction=reduction)
+    tw = None if w is None else torch.tensor(w, dtype=getattr(torch, dtype))
+    v, g = _value_and_grad(lambda z: ft.softmax_focal_loss(z, torch.as_tensor(y), gamma=gamma, weight=tw,
+                                                           reduction=reduction),
+                           torch.tensor(x, dtype=getattr(torch, dtype)))
+    if option == "ignored":
+        y = np.where(y < 0, 0, y)  # the reference's gradient is 0 on those rows
     H.assert_close(v, ref_v, dtype, "value")
     H.assert_close(g, _label_entry_exact(ref_g, y), dtype, "gradient")
 
