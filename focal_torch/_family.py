@@ -157,7 +157,7 @@ def _times_(v: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
 def _sided_ce(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, sn: torch.Tensor) -> torch.Tensor:
     """ce = t a + (1-t) b in a new tensor, as (1-t) relu(x) + t relu(-x) + log(1 + e^-|x|), the last from
     -log1p(-min(s, s̄)): one logarithm, every term >= 0."""
-    lg = torch.minimum(s, sn).neg_().log1p_()  # -log(1 + e^-|x|)
+    lg = C.log1p_neg_(torch.minimum(s, sn))  # -log(1 + e^-|x|)
     r = torch.clamp_min(x, 0.0)
     return r.lerp_(torch.sub(r, x), t).sub_(lg)
 

@@ -130,7 +130,7 @@ def _finish_inplace(buf, factors, mask, bits) -> None:
 
 _SOFTPLUS_MAX = 4096
 """Up to this many elements ce comes from two softplus (three ops, where the per-op cost dominates); above,
-from one log1p of min(s, s̄) (seven ops, each much cheaper than a softplus)."""
+from one log1p of min(s, s̄) (:func:`C.log1p_neg_`; each op much cheaper than a softplus)."""
 
 
 def _ce_inplace(x, tp, s, sn, pw, o: _Opts, ws: _Buffers | None = None) -> torch.Tensor:
@@ -143,7 +143,8 @@ def _ce_inplace(x, tp, s, sn, pw, o: _Opts, ws: _Buffers | None = None) -> torch
         if pw is not None:
             ce.mul_(pw)
         return F.softplus(x, 1.0, C.SOFTPLUS_THRESHOLD).lerp_(ce, tp)
-    nl = torch.minimum(s, sn, **_new(ws, 0, x.shape)).neg_().log1p_()  # -l
+    m = torch.minimum(s, sn, **_new(ws, 0, x.shape))
+    nl = C.log1p_neg_(m, *(None, None) if ws is None else (ws(1, x.shape), ws(2, x.shape)))  # -l
     r = torch.clamp_min(x, 0.0, **_new(ws, 1, x.shape))
     rn = torch.sub(r, x, **_new(ws, 2, x.shape))
     if pw is None:
