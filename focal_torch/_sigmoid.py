@@ -307,13 +307,30 @@ class _Parts:
             v = self._cache[name] = fn()
         return v
 
+    # σ(±x) with torch's values, and derivatives of every order that keep their e^-|x| tails where autograd
+    # differentiates them (the closed-form dℓ/dx below is made of them): torch's sigmoid derivative y (1 - y) is 0
+    # once σ(x) rounds to 1. Where that tail is at stake, σ(x) is differentiated as 1 - σ(-x), whose derivative
+    # σ(-x) (1 - σ(-x)) is a small number formed directly.
+
+    def _tailed(self, name: str, value, tail, use_tail):
+        def fn():
+            v = value()
+            if not self.smooth:
+                return v
+            acc = torch.where(use_tail(), tail(), v)
+            return v.detach() + (acc - acc.detach())
+        return self._get(name, fn)
+
+    def _sig(self, sign: int) -> torch.Tensor:
+        return self._get(f"sig{sign}", lambda: torch.sigmoid(self.x if sign > 0 else -self.x))
+
     @property
     def s(self):
-        return self._get("s", lambda: torch.sigmoid(self.x))
+        return self._tailed("s", lambda: self._sig(1), lambda: 1.0 - self._sig(-1), lambda: self.x > 0)
 
     @property
     def sn(self):
-        return self._get("sn", lambda: torch.sigmoid(-self.x))
+        return self._tailed("sn", lambda: self._sig(-1), lambda: 1.0 - self._sig(1), lambda: self.x < 0)
 
     @property
     def sp(self):

@@ -111,10 +111,16 @@ def _reference_second_derivative(x, t, gamma):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 1.5])
 @pytest.mark.parametrize("target", [0.0, 1.0, 0.5, 0.9])
-@pytest.mark.parametrize("backend", ["jax", pytest.param("torch", marks=pytest.mark.xfail(
-    strict=True, reason="focal_torch's second derivative at |x| >= 50 is off by about e^-|x| in absolute terms "
-    "(0 for the cross-entropy's σσ₋ = 1.9e-22 at x = 50): finite, but not within 1e-4 of its terms"))])
-def test_sigmoid_hessian_is_finite_for_small_gamma(backend, target, gamma, dtype):
+@pytest.mark.parametrize("backend", ["jax", "torch", "torch.func"])
+def test_sigmoid_hessian_is_finite_for_small_gamma(request, backend, target, gamma, dtype):
+    """Second derivatives where the loss's are e^-50 to e^-100 (JAX's transforms; torch's double backward, and
+    torch.func.hessian, which differentiates the plain formula)."""
+    if backend == "torch" and dtype == "float32" and gamma in (0.25, 0.5) and target in (0.0, 1.0):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "float32 range: autograd multiplies the e^-50 tails (σσ₋ = 1.9e-22 at x = ∓50) into subnormal "
+            "intermediates (their square is 3.7e-44) before q^(γ-2) = 1e38 scales them back: 0.7 % off; JAX's "
+            "closed-form derivatives, and torch.func's of the plain formula, order the products so that nothing "
+            "underflows")))
     x = HESSIAN_LOGITS
     t = np.full_like(x, target)
     if backend == "jax":
@@ -133,9 +139,10 @@ def test_sigmoid_hessian_is_finite_for_small_gamma(backend, target, gamma, dtype
         import focal_torch
 
         tt = torch.tensor(t, dtype=getattr(torch, dtype))
-        hess = torch.autograd.functional.hessian(
-            lambda z: focal_torch.sigmoid_focal_loss(z, tt, gamma=gamma, reduction="sum"),
-            torch.tensor(x, dtype=getattr(torch, dtype))).numpy()
+        fn = lambda z: focal_torch.sigmoid_focal_loss(z, tt, gamma=gamma, reduction="sum")  # noqa: E731
+        xt = torch.tensor(x, dtype=getattr(torch, dtype))
+        hess = (torch.autograd.functional.hessian(fn, xt) if backend == "torch"
+                else torch.func.hessian(fn)(xt)).detach().numpy()
     assert np.isfinite(hess).all()
     np.testing.assert_array_equal(hess - np.diag(np.diag(hess)), 0.0)
     expected, terms = _reference_second_derivative(x, t, gamma)
