@@ -403,6 +403,27 @@ def test_underflowed_p_y_matches_reference(option, reduction, gamma, dtype):
     H.assert_close(g, _label_entry_exact(ref_g, y), dtype, "gradient")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_underflowed_p_y_in_a_channels_last_map_matches_reference(reduction, dtype):
+    """The reduced loss's own check and the recompute of the rows it finds, on (N, C, H, W) channels_last logits
+    with uint8 labels: p_y underflows at one pixel of each image (margins 120 and 800)."""
+    ft = _ft()
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(2, 4, 3, 3))
+    x[0, :, 1, 1] = [0.0, 120.0, 0.0, 0.0]
+    x[1, :, 2, 0] = [0.0, 0.0, 800.0, 0.0]
+    y = rng.integers(0, 4, size=(2, 3, 3))
+    y[0, 1, 1], y[1, 2, 0] = 0, 1
+    x = np.asarray(H.round_to(x, dtype), np.float64)
+    ref_v, ref_g = reference.softmax_focal_loss(x, y, axis=1, gamma=2.0, reduction=reduction)
+    tx = torch.tensor(x, dtype=getattr(torch, dtype)).contiguous(memory_format=torch.channels_last)
+    v, g = _value_and_grad(lambda z: ft.softmax_focal_loss(z, torch.tensor(y, dtype=torch.uint8), gamma=2.0,
+                                                           reduction=reduction), tx)
+    H.assert_close(v, ref_v, dtype, "value")
+    H.assert_close(g, _label_entry_exact(ref_g, y), dtype, "gradient")
+
+
 @pytest.mark.parametrize("labels", ["index", "probs-onehot"])
 @pytest.mark.parametrize("gamma", [0.0, 2.0, 0.5], ids=lambda g: f"gamma={g}")
 def test_dominant_classes_match_reference_smooth_formula(gamma, labels):
