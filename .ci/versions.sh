@@ -21,6 +21,7 @@ TEST_DEPS=("pytest>=8" "pytest-xdist>=3" "hypothesis>=6.100" "matplotlib>=3.7" "
 TORCH_TESTS=(
   parity_tests/test_torch_sigmoid_transforms.py
   parity_tests/test_torch_softmax_transforms.py
+  parity_tests/test_torch_transform_constants.py
   parity_tests/test_torch_export.py
   parity_tests/test_distributed_torch.py
   parity_tests/test_torch_specific.py

@@ -45,18 +45,17 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-# torch.func has no public query for "is this tensor wrapped by a transform" or "is a transform active"; these two
-# reads of torch's functorch bindings are the library's only use of torch internals. They are exercised on every
-# torch release of the version matrix (.ci/versions.sh) by the torch.func tests.
-_functorch = torch._C._functorch
-
-
 def is_transformed(t: torch.Tensor) -> bool:
     """Whether ``t`` is wrapped by a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``...), whose
     values cannot drive Python control flow."""
     if is_compiling():  # Dynamo cannot trace the check, and sees unwrapped tensors
         return False
-    return isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t)
+    # torch.func.debug_unwrap (public since torch 2.7) returns a plain tensor itself, and a wrapped one's
+    # inner tensor: only the identity is used, never the result
+    return isinstance(t, torch.Tensor) and _debug_unwrap(t, recurse=False) is not t
+
+
+_debug_unwrap = torch.func.debug_unwrap
 
 
 ACCELERATOR_PATHS = False
@@ -88,31 +87,66 @@ def is_differentiated(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (t.requires_grad or is_transformed(t) or has_tangent(t))
 
 
-def plain_eager(t: torch.Tensor) -> bool:
-    """Whether a call on ``t`` runs eagerly on plain tensors: outside ``torch.compile`` and ``torch.func``
-    transforms, and ``t`` without a forward-mode tangent (:func:`in_func_transform`, :func:`has_tangent`, in one
-    call for the fast paths)."""
-    return (not torch.compiler.is_compiling() and _functorch.maybe_current_level() is None
-            and torch.autograd.forward_ad.unpack_dual(t).tangent is None)
+def plain_eager(*ts: torch.Tensor) -> bool:
+    """Whether a call on the tensors ``ts`` runs eagerly on plain tensors: outside ``torch.compile``, none of
+    them wrapped by a ``torch.func`` transform (:func:`is_transformed`) or carrying a forward-mode tangent
+    (:func:`has_tangent`). A transform that wraps none of a call's tensors leaves it plain, but its
+    ``autograd.Function`` kernels still refuse to run there: :func:`functions_refused` tells that case apart
+    after the refusal."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in ts:
+        if _debug_unwrap(t, recurse=False) is not t or (
+                t.is_floating_point() and torch.autograd.forward_ad.unpack_dual(t).tangent is not None):
+            return False  # (an integer tensor carries no tangent)
+    return True
 
 
-def in_func_transform() -> bool:
-    """Whether a ``torch.func`` transform is active: then even a plain tensor's ops give wrapped results,
-    whose values cannot be read."""
-    return not is_compiling() and _functorch.maybe_current_level() is not None
+def any_transformed(*ts: Any) -> bool:
+    """Whether any of ``ts`` is wrapped by a ``torch.func`` transform (:func:`is_transformed`)."""
+    return any(is_transformed(t) for t in ts)
+
+
+class _OldStyleProbe(torch.autograd.Function):
+    """An identity with ``forward(ctx, ...)`` and no ``setup_context``: torch refuses to run such a Function
+    while a ``torch.func`` transform is active (documented in "Extending torch.func with autograd.Function")."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+_PROBE = torch.zeros(())
+
+
+def functions_refused() -> bool:
+    """Whether an ``autograd.Function`` in the ``forward(ctx, ...)`` style, as the eager kernels are, cannot run
+    now: a ``torch.func`` transform is active. The kernels' callers ask after a ``RuntimeError``, to tell a
+    transform that wrapped none of the call's tensors (the smooth formula then serves) from a real error
+    (raised again). Public behaviour only; it costs a Function call, so it is for that error path."""
+    try:
+        _OldStyleProbe.apply(_PROBE)
+    except RuntimeError:
+        return True
+    return False
 
 
 def can_read_values(t: torch.Tensor) -> bool:
     """Whether eager code may look at ``t``'s values without a device sync or a graph break: a plain CPU
-    tensor outside ``torch.compile`` and ``torch.func`` transforms."""
-    return not is_compiling() and is_host(t) and not is_transformed(t) and not in_func_transform()
+    tensor outside ``torch.compile``, not wrapped by a ``torch.func`` transform."""
+    return not is_compiling() and is_host(t) and not is_transformed(t)
 
 
 def can_check_values(t: torch.Tensor) -> bool:
     """Whether an eager data check (out-of-range labels or targets) may run on ``t``: outside
-    ``torch.compile`` and ``torch.func`` transforms, and not on the meta device. On an accelerator it
-    costs one host sync; under a transform or compile the check is skipped and the element's loss is NaN."""
-    return not is_compiling() and t.device.type != "meta" and not is_transformed(t) and not in_func_transform()
+    ``torch.compile``, ``t`` not wrapped by a ``torch.func`` transform and not on the meta device. On an
+    accelerator it costs one host sync; on a wrapped tensor or under compile the check is skipped and the
+    element's loss is NaN."""
+    return not is_compiling() and t.device.type != "meta" and not is_transformed(t)
 
 
 def spec_value(value: Any) -> Any:
@@ -124,9 +158,12 @@ def spec_value(value: Any) -> Any:
     (``math.isfinite``, ``float``) would specialise on it or break the graph."""
     if isinstance(value, torch.Tensor):
         if can_read_values(value):
-            v = value.detach()
-            return (v if v.dtype in (torch.float32, torch.float64) or not v.is_floating_point()
-                    else v.float()).numpy()
+            try:
+                v = value.detach()
+                return (v if v.dtype in (torch.float32, torch.float64) or not v.is_floating_point()
+                        else v.float()).numpy()
+            except RuntimeError:  # a torch.func grad transform wraps even a plain tensor's detach(): unread
+                pass
         return focal_spec.Unknown(tuple(value.shape), focal_spec.dtype_name(value.dtype))
     if isinstance(value, (torch.SymFloat, torch.SymInt)):
         return focal_spec.Unknown(())

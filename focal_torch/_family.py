@@ -245,7 +245,7 @@ _KERNELS = {_asymmetric: _Kernels(_asl_loss_, _asl_grad_), _quality_focal: _Kern
 def _kernels_apply(kernels: _Kernels | None, x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether the eager kernels take this call: plain eager tensors, outside torch.compile, torch.func and
     forward-mode AD, and a gradient (if any) for the logits only."""
-    if kernels is None or not EAGER_KERNELS or C.is_compiling() or C.in_func_transform():
+    if kernels is None or not EAGER_KERNELS or C.is_compiling():
         return False
     if C.any_tangent(x, *others):
         return False
@@ -349,9 +349,15 @@ def _family_loss(loss: str, term: Callable[..., torch.Tensor], input: torch.Tens
         if not isinstance(eps, float) or eps != 0.0:
             t = t * (1.0 - eps) + eps / 2.0
         kernels = _KERNELS.get(term)
+        out = None
         if _kernels_apply(kernels, x, t, scale):
-            out = _FamilyKernel.apply(x, t, scale, kernels, term, dict(opts.params), opts.reduction != "none")
-        else:
+            try:
+                out = _FamilyKernel.apply(x, t, scale, kernels, term, dict(opts.params), opts.reduction != "none")
+            except RuntimeError:
+                if not C.functions_refused():
+                    raise
+                # a torch.func transform that wrapped none of the tensors: the plain formula below
+        if out is None:
             out = term(x, t, **dict(opts.params))
             if scale is not None:
                 out = out * scale
@@ -391,8 +397,8 @@ _SHARED_RETURNS = """
         that is not boolean, or a hyperparameter that is not a number.
       ValueError: a hyperparameter out of range, an unknown reduction, a shape of ``target``,
         ``weight`` or ``where`` that does not broadcast to ``input``, an option on another device, or
-        (eagerly, outside ``torch.compile`` and ``torch.func``) a counted target outside [0, 1]; there
-        that element's loss is NaN instead."""
+        (eagerly, outside ``torch.compile``) a counted target outside [0, 1]; under compile, or on
+        targets a ``torch.func`` transform wraps, that element's loss is NaN instead."""
 
 
 

@@ -364,8 +364,7 @@ def linear_softmax_focal_loss(
         label_smoothing=_option(label_smoothing), reduction=reduction, chunk_size=chunk_size,
         where_shape=C.shape_of(where), where_dtype="bool" if where_dtype is None else where_dtype,
         bias_dtype=None if bias is None else bias.dtype)
-    if C.in_func_transform() or any(C.is_transformed(t) for t in (input, weight, bias, class_weight, target)
-                                    if t is not None):
+    if C.any_transformed(input, weight, bias, class_weight, target):
         return _unfused(input, weight, target, bias, gamma, class_weight, ignore_index, label_smoothing, where,
                         reduction, process_group)
     dev = input.device
@@ -420,7 +419,14 @@ def linear_softmax_focal_loss(
         if eager and process_group is None and isinstance(count, torch.Tensor) and dev.type == "cpu":
             count = float(count)
         scale = _distributed.mean_scale(count, process_group, dtype=cd, device=dev)
-    loss = _LinearFocal.apply(x, weight, bias, cw, y, idx, cnt, rw, scale, o, grad)
+    try:
+        loss = _LinearFocal.apply(x, weight, bias, cw, y, idx, cnt, rw, scale, o, grad)
+    except RuntimeError:
+        if not C.functions_refused():
+            raise
+        # a torch.func transform that wrapped none of the tensors: the unfused formula
+        return _unfused(input, weight, target, bias, gamma, class_weight, ignore_index, label_smoothing, where,
+                        reduction, process_group)
     if o.reduction == "none":
         if idx is not None:
             loss = torch.zeros(n, dtype=cd, device=dev).index_copy(0, idx, loss)

@@ -203,7 +203,8 @@ class ClassificationFocalLoss(_OriginalBase):
       ValueError: ``gamma`` < 0, ``n_classes`` < 1, or a ``weights`` length other than ``n_classes`` (at
         construction); a ``pred`` whose class count is not ``n_classes``, a teacher shape that fits neither
         form, or, in eager mode, a class index outside [0, C), negative ones included (at call). Under
-        ``torch.compile`` or ``torch.func`` the index check is skipped and such a loss is NaN.
+        ``torch.compile``, or on labels a ``torch.func`` transform wraps, the index check is skipped and
+        such a loss is NaN.
       TypeError: non-boolean ``logits``; integer ``pred``.
 
     Examples:

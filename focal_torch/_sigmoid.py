@@ -720,8 +720,7 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, alpha: An
     cached; the targets' values are checked at every call. None: the general path applies."""
     if (type(gamma) not in _NUMBER or not (alpha is None or type(alpha) in _NUMBER)
             or type(label_smoothing) not in _NUMBER or type(reduction) is not str or target.requires_grad
-            or torch.compiler.is_compiling()
-            or C.in_func_transform() or C.any_tangent(input, target)):
+            or not C.plain_eager(input, target)):
         return None
     dev = input.device
     if dev.type not in ("cpu", "cuda") or torch.is_autocast_enabled(dev.type):
@@ -863,10 +862,11 @@ def sigmoid_focal_loss(
 
     What is checked when: types, dtypes, shapes and every number option at each call (cached on
     these static facts). Tensor ``alpha`` and ``gamma`` values are range-checked when they are
-    CPU tensors outside ``torch.compile`` and ``torch.func``; on an accelerator or when traced only
-    their shapes are. ``target`` values at counted elements are checked in eager mode (one
-    reduction; on an accelerator one host sync); under ``torch.compile``, ``torch.func`` or on the
-    meta device that check cannot run, and an element with a target outside [0, 1] gets a NaN loss.
+    CPU tensors outside ``torch.compile`` that no ``torch.func`` transform wraps; on an accelerator
+    or when traced only their shapes are. ``target`` values at counted elements are checked in eager
+    mode (one reduction; on an accelerator one host sync); under ``torch.compile``, on targets a
+    ``torch.func`` transform wraps or on the meta device that check cannot run, and an element with a
+    target outside [0, 1] gets a NaN loss.
 
     Returns:
       ``"none"``: the elementwise loss, ``input``'s shape and dtype. ``"mean"`` and ``"sum"``: a 0-d
@@ -911,7 +911,13 @@ def sigmoid_focal_loss(
         plain = _plain_call(input, target, gamma, alpha, label_smoothing, reduction)
         if plain is not None:
             plain_opts, plain_scale = plain
-            return _apply_plain(input, target, None, None, None, None, None, plain_scale, plain_opts.eps, plain_opts.o)
+            try:
+                return _apply_plain(input, target, None, None, None, None, None, plain_scale, plain_opts.eps,
+                                    plain_opts.o)
+            except RuntimeError:
+                if not C.functions_refused():
+                    raise
+                # a torch.func transform that wrapped neither tensor: the general path's Function serves
     target = C.checked_target(input, target, gamma=gamma, alpha=alpha, weight=weight, pos_weight=pos_weight,
                               where=where)
     dev = input.device
@@ -964,10 +970,14 @@ def sigmoid_focal_loss(
         with C.no_autocast(dev):
             loss = _Parts(input, target, alpha_t, weight_t, pw_t, gamma_t, mask, eps, opts).variant_loss(variant)
             return _reduce(loss, opts, scale).to(input.dtype)
+    args = (input, target, alpha_t, weight_t, pw_t, gamma_t, mask, scale, eps, opts)
     if C.is_compiling():
-        fn: Any = _SigmoidFocalCompiled
-    elif C.in_func_transform():
-        fn = _SigmoidFocalFunc
-    else:
-        fn = _SigmoidFocal
-    return fn.apply(input, target, alpha_t, weight_t, pw_t, gamma_t, mask, scale, eps, opts)
+        return _SigmoidFocalCompiled.apply(*args)
+    if not C.any_transformed(*args[:9]):
+        try:
+            return _SigmoidFocal.apply(*args)
+        except RuntimeError:
+            if not C.functions_refused():
+                raise
+            # a torch.func transform that wrapped none of the tensors: the setup_context form below
+    return _SigmoidFocalFunc.apply(*args)

@@ -532,9 +532,9 @@ def softmax_focal_loss(
         not fit; ``dim`` out of range; ``target``, ``weight`` or ``where`` on another device than
         ``input`` (a CPU tensor may accompany accelerator logits); and, in eager mode, a class index
         outside [0, C) that is not ``ignore_index``. That last check reads the labels (on an
-        accelerator, one host sync per call). Under ``torch.compile``, ``torch.func`` transforms and
-        on the meta device it is skipped, and such a position's loss is NaN instead, never a silently
-        wrong number.
+        accelerator, one host sync per call). Under ``torch.compile``, on labels a ``torch.func``
+        transform wraps and on the meta device it is skipped, and such a position's loss is NaN instead,
+        never a silently wrong number.
 
     Examples:
       >>> import torch
@@ -557,12 +557,13 @@ def softmax_focal_loss(
         plain = _plain_call(input, target, gamma, ignore_index, label_smoothing, dim, reduction)
         if plain is not None:
             args, checked = plain
-            if checked:
-                return _apply_plain(input, args)
-            try:  # labels checked by the kernel's gather (CPU): one outside [0, C) raises before any result
+            try:  # unchecked labels are checked by the kernel's gather (CPU): one outside [0, C) raises first
                 return _apply_plain(input, args)
             except RuntimeError:
-                pass  # an ignored label, or one out of range: the general path computes or says which
+                # an ignored label or one out of range (the general path computes or says which), or a
+                # torch.func transform that wrapped neither tensor (the general path's smooth formula serves)
+                if checked and not C.functions_refused():
+                    raise
     target = C.checked_target(input, target, weight=weight, where=where)
     dev = input.device
     focal_spec.check_weight("weight", C.spec_value(weight))  # values: outside the cached validation
@@ -588,10 +589,12 @@ def softmax_focal_loss(
     positions = tuple(input.shape[:d] + input.shape[d + 1:])
     if mask is not None and tuple(mask.shape) != positions:
         mask = torch.broadcast_to(mask, positions)
-    transformed = C.in_func_transform()
-    eager = not transformed and not C.is_compiling()
-    checkable = eager and dev.type != "meta" and target.device.type != "meta"  # C.can_check_values
-    smooth = (not checkable or C.any_tangent(input, target, weight_t, gamma_t, eps) or _wants_grad(target)
+    compiling = C.is_compiling()
+    # the labels (and where) are read when they can be: eagerly, unless a torch.func transform wraps them
+    checkable = (not compiling and not C.any_transformed(target, mask) and dev.type != "meta"
+                 and target.device.type != "meta")  # C.can_check_values
+    smooth = (not checkable or C.any_transformed(input, weight_t, gamma_t, eps)
+              or C.any_tangent(input, target, weight_t, gamma_t, eps) or _wants_grad(target)
               or _wants_grad(weight_t) or _wants_grad(gamma_t) or _wants_grad(eps))
 
     if o.label_kind != "index":
@@ -635,8 +638,13 @@ def softmax_focal_loss(
         if o.reduction == "mean":
             count = _index_count(ys if not all_counted else None, yk, weight_t, y.numel(), d)
             scale = _scale(count, process_group, opts, dev)
-        with _no_autocast(dev):
-            return _IndexFocal.apply(input, (ys, yk, weight_t, scale, opts, all_counted))
+        try:
+            with _no_autocast(dev):
+                return _IndexFocal.apply(input, (ys, yk, weight_t, scale, opts, all_counted))
+        except RuntimeError:
+            if not C.functions_refused():
+                raise
+            # a torch.func transform that wrapped none of the tensors: the smooth formula below
 
     labels = y if valid is None else torch.where(valid, y, 0)
     if bad is not None:
@@ -665,7 +673,7 @@ def _plain_call(input: torch.Tensor, target: torch.Tensor, gamma: Any, ignore_in
     eager, outside ``torch.func`` and forward-mode AD, autocast off. Its options are validated by the spec once
     per static facts and cached. None: the general path applies (and gives every error)."""
     if (type(gamma) not in (int, float) or type(label_smoothing) not in (int, float) or type(ignore_index) is not int
-            or type(dim) is not int or type(reduction) is not str or not C.plain_eager(input)):
+            or type(dim) is not int or type(reduction) is not str or not C.plain_eager(input, target)):
         return None
     dev = input.device
     if (not (input.is_cpu or input.is_cuda) or target.device != dev

@@ -147,13 +147,17 @@ def test_hessian_is_finite_at_dominant_classes(gamma, dtype):
 
 
 def test_out_of_range_label_under_vmap_is_nan_not_an_error():
+    """Labels a transform wraps cannot be read: a bad one gives NaN at its position. Plain labels inside a
+    transform (``grad`` by the logits) are read and checked, as in eager mode."""
     ft = _ft()
     x, _ = _inputs(n=4)
     y = torch.tensor([0, 7, 2, -100])
     out = torch.func.vmap(lambda a, b: ft.softmax_focal_loss(a, b, dim=0))(x, y)
     assert torch.isnan(out[1]) and out[3] == 0.0 and torch.isfinite(out[[0, 2]]).all()
-    g, value = torch.func.grad_and_value(lambda z: ft.softmax_focal_loss(z, y, reduction="sum"))(x)
-    assert torch.isnan(value) and torch.isfinite(g[[0, 2, 3]]).all()
+    g, value = torch.func.vmap(torch.func.grad_and_value(lambda a, b: ft.softmax_focal_loss(a, b, dim=0)))(x, y)
+    assert torch.isnan(value[1]) and torch.isfinite(g[[0, 2, 3]]).all()
+    with pytest.raises(ValueError, match="7"):
+        torch.func.grad(lambda z: ft.softmax_focal_loss(z, y, reduction="sum"))(x)
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 ``pyproject.toml`` states lower bounds; ``.ci/versions.sh`` installs exactly those (its ``oldest`` job) and runs
 the framework tests there. The two must not drift apart. PyTorch internals (``torch._inductor``, ``torch._C``,
-``torch._dynamo``...) change between releases without notice: ``focal_torch`` uses one, the functorch query that
-``torch.func`` has no public form of, in one place.
+``torch._dynamo``...) change between releases without notice: ``focal_torch`` uses none. Whether a tensor is
+wrapped by a ``torch.func`` transform is asked of ``torch.func.debug_unwrap``, and whether a transform is active at
+all, of the documented refusal of a ``forward(ctx, ...)`` Function to run under one (``focal_torch._common``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ def test_the_oldest_job_installs_the_lower_bounds():
 
 
 PRIVATE = re.compile(r"\btorch(?:\.[A-Za-z]\w*)*\._[A-Za-z]")  # a dotted path with a _name in it
-# The one internal read and why: see focal_torch/_common.py.
-ALLOWED = {("_common.py", "_functorch = torch._C._functorch")}
+ALLOWED: set[tuple[str, str]] = set()  # (file name, line) pairs exempted from the check: none
 
 
 def test_focal_torch_uses_no_private_torch_api():
