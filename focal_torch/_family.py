@@ -337,7 +337,9 @@ def _family_loss(loss: str, term: Callable[..., torch.Tensor], input: torch.Tens
             scale = mask.to(cdt) if scale is None else torch.where(mask, scale, 0.0)
             count = mask.sum()
         if target.dtype != torch.bool:
-            if C.can_check_values(t):  # one reduction (and on an accelerator one sync) when all is well
+            # one reduction (and on an accelerator one sync) when all is well; read also where a torch.func
+            # transform wraps t only because it was derived inside it (from a target and where it left plain)
+            if C.can_check_values(target) and not C.is_transformed(where):
                 if t.numel() and not bool(_in_unit_range(t)):
                     ok = (t >= 0) & (t <= 1)
                     raise ValueError(focal_spec.targets_out_of_range(t[~ok].reshape(-1)[0].item()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -33,12 +34,16 @@ def _one_minus_exp_neg(c: torch.Tensor) -> torch.Tensor:
     return torch.where(small, series, 1.0 - torch.exp(-torch.where(small, 1.0, c)))
 
 
-def _check_indices(y: torch.Tensor, n_classes: int) -> None:
-    """Class indices outside [0, C) raise in eager mode (the original modules have no ignore_index)."""
-    if C.can_check_values(y):
-        bad = (y < 0) | (y >= n_classes)
-        if bool(bad.any()):
-            raise ValueError(focal_spec.label_out_of_range(int(y[bad][0]), n_classes, None))
+def _check_indices(y: torch.Tensor, n_classes: int, teacher: torch.Tensor) -> bool:
+    """Class indices ``y`` (of ``teacher``) outside [0, C) raise in eager mode (the original modules have no
+    ignore_index). Returns whether the check ran: not under ``torch.compile`` nor on a ``teacher`` that a
+    ``torch.func`` transform wraps."""
+    if not C.can_check_values(teacher):
+        return False
+    bad = (y < 0) | (y >= n_classes)
+    if bool(bad.any()):
+        raise ValueError(focal_spec.label_out_of_range(int(y[bad][0]), n_classes, None))
+    return True
 
 
 def _original_loss(pred: torch.Tensor, teacher: torch.Tensor, *, gamma: float, gamma_int: int | None,
@@ -61,15 +66,17 @@ def _original_loss(pred: torch.Tensor, teacher: torch.Tensor, *, gamma: float, g
         # Softmax focal loss on the class indices, weighted per position by its class, plain mean.
         y = teacher.long() if kind == "index" else teacher.argmax(ax)
         if kind == "index":
-            _check_indices(y, n_classes)
+            _check_indices(y, n_classes, teacher)
         # ignore_index -1 can never hold a class: under compile an out-of-range index gives NaN, never 0
         total = softmax_focal_loss(pred, y, gamma=gamma, weight=w, dim=ax, reduction="sum", ignore_index=-(2**62))
         return total / max(y.numel(), 1)
     with C.no_autocast(pred.device):
         x = pred.to(cdtype)
+        unchecked = None  # positions whose index is outside [0, C) where the check could not run: NaN
         if kind == "index":
             y = teacher.long()
-            _check_indices(y, n_classes)
+            if not _check_indices(y, n_classes, teacher):
+                unchecked = ((y < 0) | (y >= n_classes)).unsqueeze(ax)
             # One-hot built where the teacher lives.
             t = F.one_hot(y.clamp(0, n_classes - 1), n_classes).to(cdtype).movedim(-1, ax)
         else:
@@ -88,6 +95,8 @@ def _original_loss(pred: torch.Tensor, teacher: torch.Tensor, *, gamma: float, g
             shape = [1] * x.dim()
             shape[ax] = n_classes
             loss = loss * w.view(shape)
+        if unchecked is not None:
+            loss = torch.where(unchecked, math.nan, loss)
         return loss.mean().to(pred.dtype)
 
 

@@ -471,6 +471,25 @@ def test_classification_index_teacher_out_of_range_raises():
         ft.ClassificationFocalLoss(3)(torch.zeros(2, 4), torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize("logits", [True, False], ids=["logits", "softmax"])
+def test_classification_index_out_of_range_where_unchecked_is_nan(logits):
+    """Where the index check cannot run (labels batched by vmap, torch.compile), an out-of-range index gives a
+    NaN loss, never the loss of a clamped class; plain labels inside a transform are checked as in eager."""
+    ft = _ft()
+    loss = ft.ClassificationFocalLoss(3, logits=logits)
+    x = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0))
+    ys = torch.tensor([[0, 1], [2, 3], [1, -1], [0, 2]])
+    out = torch.func.vmap(loss)(x, ys)
+    assert torch.isnan(out[[1, 2]]).all() and torch.isfinite(out[[0, 3]]).all()
+    for i in (0, 3):  # the counted rows equal eager calls
+        torch.testing.assert_close(out[i], loss(x[i], ys[i]), rtol=1e-6, atol=0.0)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    assert torch.isnan(compiled(x[1], ys[1])) and torch.isfinite(compiled(x[0], ys[0]))
+    y1 = ys[1]  # taken outside the transform: plain
+    with pytest.raises(ValueError, match=re.escape(focal_spec.label_out_of_range(3, 3, None))):
+        torch.func.grad(lambda z: loss(z, y1))(x[1])
+
+
 @pytest.mark.parametrize("labels", ["index", "index-none", "probs"])
 def test_softmax_pieces_match_reference(monkeypatch, labels):
     from focal_torch import _common

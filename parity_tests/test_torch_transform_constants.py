@@ -235,3 +235,33 @@ def test_vmap_over_labels_with_plain_logits(reduction):
     ref = np.stack([focal_spec.reference.sigmoid_focal_loss(_np(x), t.numpy(), gamma=2.0,
                                                             reduction=reduction)[0] for t in ts])
     H.assert_close(_np(out), ref, "float32", f"sigmoid, vmap over targets, {reduction}")
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_focal_loss", "asymmetric_loss", "quality_focal_loss", "varifocal_loss",
+                                  "softmax_focal_loss"])
+def test_bad_targets_inside_a_transform(loss):
+    """Plain targets inside a transform are checked as in eager mode (ValueError); targets the transform batches
+    cannot be read, and a bad one gives NaN for its sample only."""
+    fn = getattr(_ft(), loss)
+    x = _logits((4, 3), torch.float32, 40)
+    if loss == "softmax_focal_loss":
+        good, bad = torch.tensor([0, 1, 2, 1]), torch.tensor([0, 3, 2, 1])
+    else:
+        good = (_probs((4, 3), 41) > 0.5).float()
+        bad = good.clone()
+        bad[1, 1] = 1.5 if loss != "asymmetric_loss" else 2.0
+    for run in (lambda y: torch.func.grad(lambda s: s * fn(x, y))(torch.tensor(1.0)),
+                lambda y: torch.func.vmap(lambda s: s * fn(x, y))(torch.ones(2))):
+        run(good)
+        with pytest.raises(ValueError, match="Invalid value"):
+            run(bad)
+    out = torch.func.vmap(lambda y: fn(x, y))(torch.stack([good, bad]))
+    assert torch.isfinite(out[0]) and torch.isnan(out[1])
+    torch.testing.assert_close(out[0], fn(x, good), rtol=1e-6, atol=0.0)
+    # a batched ``where`` leaves the targets plain, but what is read of them is masked by it
+    masks = torch.tensor([[True, False, True, True], [False, True, True, True]])
+    if loss != "softmax_focal_loss":
+        masks = masks[:, :, None].expand(2, 4, 3)
+    out = torch.func.vmap(lambda w: fn(x, bad, where=w))(masks)
+    assert torch.isfinite(out[0]) and torch.isnan(out[1])
+    torch.testing.assert_close(out[0], fn(x, bad, where=masks[0]), rtol=1e-6, atol=0.0)
