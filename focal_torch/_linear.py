@@ -422,7 +422,7 @@ def linear_softmax_focal_loss(
     try:
         loss = _LinearFocal.apply(x, weight, bias, cw, y, idx, cnt, rw, scale, o, grad)
     except RuntimeError:
-        if not C.functions_refused():
+        if not eager or not C.functions_refused():
             raise
         # a torch.func transform that wrapped none of the tensors: the unfused formula
         return _unfused(input, weight, target, bias, gamma, class_weight, ignore_index, label_smoothing, where,
