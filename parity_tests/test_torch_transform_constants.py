@@ -84,6 +84,15 @@ def _softmax_map() -> Case:
     return (lambda: _ft().softmax_focal_loss(x, y, gamma=2.0, reduction="none")), ref, "float32"
 
 
+def _softmax_map_channels_last() -> Case:
+    """channels_last (N, C, H, W) logits with int32 labels, an ignored pixel, reduction "sum"."""
+    x = _logits((2, 4, 3, 3), torch.float32, 19).contiguous(memory_format=torch.channels_last)
+    y = _labels(18, 4, 20, dtype=torch.int32).reshape(2, 3, 3)
+    y[1, 2, 0] = -100
+    ref = focal_spec.reference.softmax_focal_loss(_np(x), y.numpy(), gamma=0.5, axis=1, reduction="sum")[0]
+    return (lambda: _ft().softmax_focal_loss(x, y, gamma=0.5, reduction="sum")), ref, "float32"
+
+
 def _sigmoid_fast() -> Case:
     x, t = _logits((4, 6), torch.float32, 9), (_probs((4, 6), 10) > 0.5).double()
     ref = focal_spec.reference.sigmoid_focal_loss(_np(x), t.numpy(), gamma=2.0, alpha=0.25, reduction="mean")[0]
@@ -124,6 +133,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "softmax-checked-labels": _softmax_checked,
     "softmax-general": _softmax_general,
     "softmax-map-none": _softmax_map,
+    "softmax-map-channels-last": _softmax_map_channels_last,
     "sigmoid-fast": _sigmoid_fast,
     "sigmoid-general-none": _sigmoid_general,
     "asymmetric_loss": lambda: _family("asymmetric_loss"),
@@ -205,17 +215,29 @@ def test_an_error_inside_the_kernel_is_not_taken_for_a_transform(monkeypatch):
         raise RuntimeError("kernel failure")
 
     ft = _ft()
+    from focal_torch import _linear
+
+    monkeypatch.setattr(_linear._LinearFocal, "apply", broken)  # first: its fallback would run the softmax
+    with pytest.raises(RuntimeError, match="kernel failure"):
+        ft.linear_softmax_focal_loss(torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 4]))
     x = torch.randn(4, 5)
     monkeypatch.setattr(_softmax, "_apply_plain", broken)
     monkeypatch.setattr(_softmax._IndexFocal, "apply", broken)
     with pytest.raises(RuntimeError, match="kernel failure"):
         ft.softmax_focal_loss(x, torch.tensor([0, 1, 2, 3]), gamma=2.0, ignore_index=4)
+    with pytest.raises(RuntimeError, match="kernel failure"):  # the general path's kernel
+        ft.softmax_focal_loss(x, torch.tensor([0, 1, 2, 3]), gamma=2.0, weight=torch.ones(5))
     monkeypatch.setattr(_sigmoid, "_apply_plain", broken)
     monkeypatch.setattr(_sigmoid._SigmoidFocal, "apply", broken)
     with pytest.raises(RuntimeError, match="kernel failure"):
         ft.sigmoid_focal_loss(x, torch.rand(4, 5), gamma=2.0)
     with pytest.raises(RuntimeError, match="kernel failure"):
         ft.sigmoid_focal_loss(x, torch.rand(4, 5), gamma=2.0, weight=torch.ones(5))
+    from focal_torch import _family
+
+    monkeypatch.setattr(_family._FamilyKernel, "apply", broken)
+    with pytest.raises(RuntimeError, match="kernel failure"):
+        ft.asymmetric_loss(x, (torch.rand(4, 5) > 0.5).float())
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
