@@ -3,7 +3,7 @@
 # versions, the project installed without its dependencies, and the tests that exercise every framework API the
 # library relies on (torch: autograd.Function, torch.func, forward-mode AD, torch.compile, torch.export, the
 # distributed mean over gloo; JAX: jit/vmap/grad/checkpoint/export, shard_map over 8 host devices, the Flax NNX
-# training step).
+# training step; Hessians of both backends).
 #
 #   oldest  torch, jax, jaxlib, flax and optax at the lower bounds of pyproject.toml
 #   newest  the newest torch the registry serves (a pip constraints file of the machine lifted for that job:
@@ -17,11 +17,12 @@ cd "$(dirname "$0")/.."
 # Lower bounds (torch 2.4-2.7: Dynamo recompiles for each Python float γ; flax 0.12.0 does not import
 # with jax 0.10.0; optax 0.2.4 has no per-class α): keep in step with pyproject.toml (parity_tests/test_versions.py checks that they agree).
 OLDEST=("torch==2.8.0" "jax==0.10.0" "jaxlib==0.10.0" "flax==0.12.2" "optax==0.2.5" "numpy==2.0.2")
-TEST_DEPS=("pytest>=8" "pytest-xdist>=3" "hypothesis>=6.100" "matplotlib>=3.7" "tqdm>=4.60" "scikit-learn>=1.3")
+TEST_DEPS=("pytest>=8" "pytest-xdist>=3" "hypothesis>=6.100" "matplotlib>=3.7" "tqdm>=4.60" "scikit-learn>=1.3" "mpmath>=1.3")
 TORCH_TESTS=(
   parity_tests/test_torch_sigmoid_transforms.py
   parity_tests/test_torch_softmax_transforms.py
   parity_tests/test_torch_transform_constants.py
+  parity_tests/test_second_derivatives.py
   parity_tests/test_torch_export.py
   parity_tests/test_distributed_torch.py
   parity_tests/test_torch_specific.py

@@ -72,6 +72,16 @@ def _log_q(q: jax.Array) -> jax.Array:
     return jnp.log(jnp.maximum(q, _common.tiny(q.dtype)))
 
 
+def _log_q_exact(x: jax.Array, t: jax.Array, pw: jax.Array | None) -> jax.Array:
+    """log(1-p_t) to its last digits also where p_t is small: log1p(-p_t) there (1-p_t rounds to 1 within p_t,
+    and its log would keep only the digits of p_t above that rounding), :func:`_log_q` elsewhere. What dℓ/dγ =
+    ℓ log(1-p_t) reads; the modulator's value needs no more than :func:`_log_q`."""
+    s, sn, _, q, *_ = _parts(x, t, pw)
+    p_t = t * s + (1.0 - t) * sn  # a sum of two non-negative terms
+    small = p_t < 0.5
+    return jnp.where(small, jnp.log1p(-jnp.where(small, p_t, 0.0)), _log_q(q))
+
+
 def _value(x: jax.Array, t: jax.Array, pw: jax.Array | None, gamma: float | jax.Array,
            gamma_int: int | None) -> jax.Array:
     """The unscaled elementwise loss (1-p_t)^γ · ce."""
@@ -88,18 +98,21 @@ def _coefficient(x: jax.Array, t: jax.Array, pw: jax.Array | None, gamma: float 
     dce/dx = (1-t')σ(x) - π t'σ(-x), exact for hard targets at saturated logits. With an integer γ,
     m·r = q^(γ-1) σ(x)σ(-x): no division, no logarithm. Otherwise
     m·r = exp((γ-1) log q + log σ(x)σ(-x)): no division by q either, so that differentiating this
-    coefficient again (``jax.hessian``) never divides by q², which underflows at saturated logits.
+    coefficient again (``jax.hessian``) never divides by q², which underflows at saturated logits. The small
+    factor σ(x)σ(-x) is multiplied by ce (of order |x| there) before any factor below 1: XLA's CPU code flushes
+    subnormal intermediates to 0, which would take the γ term of the second derivative with them near
+    float32's smallest normal number.
     """
     s, sn, ce, q, log_s_sn, _, _ = _parts(x, t, pw)
     bce = (1.0 - t) * s - (t if pw is None else pw * t) * sn
     if gamma_int == 0:
         return bce
     if gamma_int is not None:
-        return _common.power(q, gamma_int - 1) * (gamma_int * (1.0 - 2.0 * t) * s * sn * ce + q * bce)
+        return _common.power(q, gamma_int - 1) * (gamma_int * (1.0 - 2.0 * t) * (s * sn * ce) + q * bce)
     log_q = _log_q(q)
     m = jnp.exp(gamma * log_q)
     m_r = jnp.exp((gamma - 1.0) * log_q + log_s_sn)
-    return gamma * (1.0 - 2.0 * t) * m_r * ce + m * bce
+    return gamma * (1.0 - 2.0 * t) * (m_r * ce) + m * bce
 
 
 def _target_coefficient(x: jax.Array, t: jax.Array, pw: jax.Array | None, gamma: float | jax.Array,
@@ -152,7 +165,7 @@ def _kernel_jvp(gamma, gamma_int, primals, tangents):
     if _common.perturbed(dg) or _common.perturbed(da):
         unscaled = _kernel(x, t, None, g, pw, gamma, gamma_int)
     if _common.perturbed(dg):
-        terms.append(unscaled * _log_q(_parts(x, t, pw)[3]) * dg)
+        terms.append(unscaled * _log_q_exact(x, t, pw) * dg)
     if _common.perturbed(dpw):
         _, _, _, q, _, sp_neg, _ = _parts(x, t, pw)
         m = _common.power(q, gamma_int) if gamma_int is not None else jnp.exp(gam * _log_q(q))

@@ -19,20 +19,75 @@ import focal_spec
 from focal_jax import _common, _distributed, _family
 
 
-def _log_parts(others: jax.Array, s: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _log_parts(others: jax.Array, s: jax.Array, z: jax.Array,
+               tails: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
     """log p, log(1-p) and 1-p from ``others`` = S·(1-p), the sum S and z = x - M.
 
     log(1-p) is floored at log(tiny) where ``others`` is 0 (a single class, or every other class
     underflowed): finite, so that γ log(1-p) is exactly 0 at γ = 0 and dℓ/dγ = ℓ log(1-p) is 0 there.
     Where 1-p < 1/2, log p = log1p(-(1-p)) keeps the digits that z - log S would lose.
+
+    ``tails`` (the labelled class's values, one per position): 1-p and log(1-p) differentiate without
+    cancellation where p is small (see :func:`_omp_with_tails`). dℓ/dγ = ℓ log(1-p) takes the value of log(1-p)
+    from :func:`_log1mp_of_small_p`: log(others) - log S keeps only the digits of a small p above the rounding
+    of 1.
     """
-    has_others = others > 0
     log_s = jnp.log(s)
-    omp = others / s
-    floor = math.log(_common.tiny(s.dtype))
-    log1mp = jnp.where(has_others, jnp.log(jnp.where(has_others, others, 1.0)) - log_s, floor)
+    if tails:
+        p = jnp.exp(z - log_s)
+        omp, log1mp = _omp_with_tails(others, s, p), _log1mp_with_tails(others, s, p)
+    else:
+        omp, log1mp = others / s, _log1mp(others, s)
     logp = jnp.where(omp < 0.5, jnp.log1p(-omp), z - log_s)
     return logp, log1mp, omp
+
+
+def _log1mp(others: jax.Array, s: jax.Array) -> jax.Array:
+    has_others = others > 0
+    floor = math.log(_common.tiny(s.dtype))
+    return jnp.where(has_others, jnp.log(jnp.where(has_others, others, 1.0)) - jnp.log(s), floor)
+
+
+# 1-p and log(1-p) with the values above, and derivatives that keep the digits of a small p: where p <= 1/2,
+# others ~ S, and d(others / S) or d(log others - log S) would be the difference of two near-equal terms (a
+# Hessian's entries of order p p_k would round to 0); there they are -dp and -dp / (1-p). Only second derivatives
+# read these derivatives, so the first derivative's computation is the same as without them.
+
+
+@jax.custom_jvp
+def _omp_with_tails(others: jax.Array, s: jax.Array, p: jax.Array) -> jax.Array:
+    del p  # for the derivative only
+    return others / s
+
+
+@_omp_with_tails.defjvp
+def _omp_with_tails_jvp(primals, tangents):
+    others, s, p = primals
+    d_others, ds, dp = tangents
+    omp = others / s
+    return omp, jnp.where(p <= 0.5, -dp, (d_others - omp * ds) / s)
+
+
+@jax.custom_jvp
+def _log1mp_with_tails(others: jax.Array, s: jax.Array, p: jax.Array) -> jax.Array:
+    del p  # for the derivative only
+    return _log1mp(others, s)
+
+
+@_log1mp_with_tails.defjvp
+def _log1mp_with_tails_jvp(primals, tangents):
+    others, s, p = primals
+    d_others, ds, dp = tangents
+    has_others = others > 0
+    direct = jnp.where(has_others, d_others / jnp.where(has_others, others, 1.0) - ds / s, 0.0)
+    small = p <= 0.5
+    return _log1mp(others, s), jnp.where(small, -dp / jnp.where(small, 1.0 - p, 1.0), direct)
+
+
+def _log1mp_of_small_p(p: jax.Array, log1mp: jax.Array) -> jax.Array:
+    """log1p(-p) where p <= 1/2, ``log1mp`` elsewhere."""
+    small = p <= 0.5
+    return jnp.where(small, jnp.log1p(-jnp.where(small, p, 0.0)), log1mp)
 
 
 def _modulator_and_kappa(p: jax.Array, logp: jax.Array, log1mp: jax.Array, omp: jax.Array,
@@ -72,7 +127,7 @@ flag (measured on XLA's CPU backend: about 10% faster at C = 1000, several times
 def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float | jax.Array,
                  gamma_int: int | None) -> tuple[jax.Array, ...]:
     """The other classes' e_k = exp(x_k - M) (0 at k = y), and per position: S = Σ_k exp(x_k - M),
-    Σ_{k≠y} e_k = S (1 - p_y), -m_y log p_y, κ_y and log(1 - p_y).
+    Σ_{k≠y} e_k = S (1 - p_y), p_y, -m_y log p_y, κ_y and log(1 - p_y).
 
     ``code`` is the label y at counted positions and -1 elsewhere. 1 - p_y = Σ_{k≠y} e_k / S is a sum
     over the other classes, never a difference, so it stays exact when p_y rounds to 1. Per-position
@@ -85,7 +140,10 @@ def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float | jax.Ar
     # Garbage (NaN, inf) at positions that are not counted never reaches the arithmetic: their row
     # maximum and labelled logit are replaced by 0 before use, and their logits (or x - M) by 0 inside
     # the exp pass ((k | code) < 0 exactly when code = -1).
-    m_x = jnp.where(counted, jax.lax.stop_gradient(jnp.max(x, axis=axis, initial=-jnp.inf)), zero)
+    # M is differentiated (not a constant): the value is the same, and a second derivative then sees the leading
+    # class's e = exp(x - M) = 1 as a constant and S's derivative as a sum over the other classes, without the
+    # cancellation p_k - p_k² where a class other than the label dominates
+    m_x = jnp.where(counted, jnp.max(x, axis=axis, initial=-jnp.inf), zero)
     m_k = jnp.expand_dims(m_x, axis)
     # x_y - M from the logits themselves (the same subtraction as (x - M)_y): x - M is then read by the exp pass
     # only, and XLA fuses it there instead of writing it out
@@ -98,9 +156,29 @@ def _index_stats(x: jax.Array, code: jax.Array, axis: int, gamma: float | jax.Ar
     e = jnp.where(classes != code_k, jnp.exp(z), zero)
     others = jnp.sum(e, axis=axis)
     s = others + jnp.exp(z_y)
-    logp, log1mp, omp = _log_parts(others, s, z_y)
-    m, kappa = _modulator_and_kappa(jnp.exp(logp), logp, log1mp, omp, gamma, gamma_int)
-    return e, s, others, -(m * logp), kappa, log1mp
+    logp, log1mp, omp = _log_parts(others, s, z_y, tails=True)
+    p = jnp.exp(logp)
+    m, kappa = _modulator_and_kappa(p, logp, log1mp, omp, gamma, gamma_int)
+    return e, s, others, p, -(m * logp), kappa, log1mp
+
+
+@jax.custom_jvp
+def _at_label(a: jax.Array, per_e: jax.Array, others: jax.Array, s: jax.Array, p: jax.Array) -> jax.Array:
+    """a (1 - p_y), a = w_y κ_y, as ``per_e`` · ``others`` (per_e = a / S, others = S (1 - p_y)): the first
+    derivative's term at the label, the product XLA keeps out of the gradient pass's per-class loop. Its own
+    derivative (a second derivative of the loss) is da (1 - p_y) + a d(1 - p_y), with d(1 - p_y) = -dp_y where
+    p_y <= 1/2: there others ~ S, and d(others / S) would be the difference of two near-equal terms."""
+    del a, s, p  # for the derivative only
+    return per_e * others
+
+
+@_at_label.defjvp
+def _at_label_jvp(primals, tangents):
+    a, per_e, others, s, p = primals
+    da, _, d_others, ds, dp = tangents
+    omp = others / s
+    d_omp = jnp.where(p <= 0.5, -dp, (d_others - omp * ds) / s)
+    return per_e * others, da * omp + a * d_omp
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
@@ -109,27 +187,28 @@ def _index_kernel(x: jax.Array, code: jax.Array, wy: jax.Array, gy: jax.Array | 
     """Per-position loss -w_y (1-p_y)^γ log p_y (``wy`` is w[y], 0 where ``code`` is -1; ``gy`` is γ_y
     per position for an array γ, None for a number ``gamma``)."""
     # gamma is a number whenever gy is None
-    return wy * _index_stats(x, code, axis, gamma if gy is None else gy, gamma_int)[3]  # type: ignore[arg-type]
+    return wy * _index_stats(x, code, axis, gamma if gy is None else gy, gamma_int)[4]  # type: ignore[arg-type]
 
 
 def _index_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
     x, code, wy, gy = primals
     dx, _, dwy, dgy = tangents  # the labels are integers
-    e, s, others, loss, kappa, log1mp = _index_stats(x, code, axis, gamma if gy is None else gy, gamma_int)
+    e, s, others, p_y, loss, kappa, log1mp = _index_stats(x, code, axis, gamma if gy is None else gy, gamma_int)
     terms = []
     if _common.perturbed(dx):
         # dℓ/dx_k = w_y κ_y (δ_ky - p_k): w_y κ_y (1 - p_y) at k = y, -w_y κ_y e_k / S elsewhere (e_y is 0).
         # e and two numbers per position are all that the backward pass reads. per_e ends in a division,
         # which XLA computes once per position rather than once per class.
-        per_e = (wy * kappa) / s
-        at_y = jnp.expand_dims(per_e * others, axis)
+        a = wy * kappa
+        per_e = a / s
+        at_y = jnp.expand_dims(_at_label(a, per_e, others, s, p_y), axis)
         is_y = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(code, axis)
         terms.append(jnp.sum(jnp.where(is_y, at_y, jnp.zeros_like(at_y)) * dx - e * jnp.expand_dims(per_e, axis) * dx,
                              axis=axis))
     if _common.perturbed(dwy):
         terms.append(loss * dwy)  # dℓ/dw_y = -(1-p_y)^γ log p_y
     if _common.perturbed(dgy):
-        terms.append(wy * loss * log1mp * dgy)  # dℓ/dγ_y = ℓ log(1-p_y)
+        terms.append(wy * loss * _log1mp_of_small_p(p_y, log1mp) * dgy)  # dℓ/dγ_y = ℓ log(1-p_y)
     d = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(loss)
     return wy * loss, d
 
@@ -183,7 +262,8 @@ def _dense_kernel_jvp(axis, gamma, gamma_int, primals, tangents):
     if _common.perturbed(dwq):
         terms.append(loss * dwq)  # dℓ/d(w_c q_c) = -(1-p_c)^γ_c log p_c
     if _common.perturbed(dg):
-        terms.append(wq * loss * log1mp * dg)  # dℓ/dγ_c = w_c q_c ℓ_c log(1-p_c)
+        # dℓ/dγ_c = w_c q_c ℓ_c log(1-p_c), log(1-p_c) with the digits of a small p_c
+        terms.append(wq * loss * _log1mp_of_small_p(p, log1mp) * dg)
     d = jnp.sum(functools.reduce(jnp.add, terms), axis=axis) if terms else jnp.zeros_like(loss.sum(axis))
     return jnp.sum(wq * loss, axis=axis), d
 

@@ -460,12 +460,19 @@ class _Parts:
         return self.counted(v if f is None else v * f)
 
     def _focal(self, d_ce: torch.Tensor, d_q: Any) -> torch.Tensor:
-        """γ q^(γ-1) d_q ce + q^γ d_ce: the derivative of q^γ ce from those of ce and q (exactly d_ce at γ = 0)."""
+        """γ q^(γ-1) d_q ce + q^γ d_ce: the derivative of q^γ ce from those of ce and q (exactly d_ce at γ = 0).
+
+        For a γ that is not a whole number this is q^γ (γ (d_q / q) ce + d_ce). Where q is small, q^(γ-1) is large
+        and d_q and ce are both of q's order, so the product γ q^(γ-1) d_q ce, differentiated by autograd (a
+        Hessian, a double backward), would form d_q ce ~ q² on the way: subnormal in float32 from q < 1e-19
+        (|x| > 44), which cost the second derivative its digits. d_q / q stays of order 1."""
         o = self.o
         if o.gamma == 0.0:
             return d_ce
         gam = self.gamma if o.gamma is None else o.gamma
-        return gam * self.m_over_q() * d_q * self.ce + self.m * d_ce
+        if o.gamma_int is not None:
+            return gam * self.m_over_q() * d_q * self.ce + self.m * d_ce
+        return self.m * (gam * (d_q / torch.clamp(self.q, min=_tiny(o.cdtype))) * self.ce + d_ce)
 
     def d_x(self) -> torch.Tensor:
         d_ce = torch.lerp(self.s, -self.sn if self.pw is None else -self.pw * self.sn, self.tp)

@@ -302,27 +302,32 @@ def _class_view(v: torch.Tensor, ndim: int, d: int) -> torch.Tensor:
     return v.reshape(shape)
 
 
-def _smooth_modulator(u: torch.Tensor, gamma: Any, o: _Opts) -> torch.Tensor | float:
-    """(1-p)^γ from u = 1-p: multiplications for a whole γ; otherwise exp(γ · log max(u, tiny)), finite
-    with finite derivatives (also in γ) where u underflows, and exactly 1 at γ = 0 (no 0^0)."""
+def _smooth_modulator(u: torch.Tensor, p: torch.Tensor, gamma: Any, o: _Opts) -> torch.Tensor | float:
+    """(1-p)^γ from u = 1-p and p: multiplications for a whole γ; otherwise exp(γ · log u), log u floored at
+    log(tiny): finite with finite derivatives (also in γ) where u underflows, and exactly 1 at γ = 0 (no 0^0).
+    Where p < 1/2, log u is log1p(-p): it keeps the digits of a small p, which dℓ/dγ = ℓ log(1 - p) reads (log of the
+    rounded 1 - p keeps only those above the rounding of 1)."""
     if o.gamma is not None:
         if o.gamma == 0.0:
             return 1.0
         if o.gamma_int is not None:
             return C.ipow(u, o.gamma_int, inplace=False)
         gamma = o.gamma
-    return torch.exp(gamma * torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+    small = p < 0.5
+    log_u = torch.where(small, torch.log1p(-torch.where(small, p, 0.0)),
+                        torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
+    return torch.exp(gamma * log_u)
 
 
 def _one_minus_p_and_log_p(z: torch.Tensor, log_s: torch.Tensor, rest: torch.Tensor, s: torch.Tensor):
-    """(1 - p, log p) with accurate values and derivatives, from z = x - M, log S and the sum of the
+    """(1 - p, log p, p) with accurate values and derivatives, from z = x - M, log S and the sum of the
     other classes' e^z. Where p < 1/2: 1 - p and z - log S (the derivative of 1 - p is -dp, not the
     difference of two near-equal terms). Where p >= 1/2: rest / S and log1p(-(rest / S))."""
     lp_direct = z - log_s
     p = torch.exp(lp_direct)
     small = p < 0.5
     u = torch.where(small, 1.0 - p, rest / s)
-    return u, torch.where(small, lp_direct, torch.log1p(-torch.where(small, 0.0, u)))
+    return u, torch.where(small, lp_direct, torch.log1p(-torch.where(small, 0.0, u))), p
 
 
 def _plain_loss(x: torch.Tensor, p: _Plain, o: _Opts) -> torch.Tensor:
@@ -341,18 +346,23 @@ def _plain_loss(x: torch.Tensor, p: _Plain, o: _Opts) -> torch.Tensor:
     if nc <= 1:  # p = 1 (or no class at all): the loss is 0, with zero gradients
         loss = torch.where(torch.zeros((), dtype=torch.bool, device=xs.device), xs, 0.0).sum(d)
     else:
-        mx = xs.detach().amax(d, keepdim=True)
+        index = p.labels is not None and isinstance(p.eps, float) and p.eps == 0.0
+        # With class indices the max is differentiated (the same value): a second derivative then sees the leading
+        # class's e = exp(x - M) = 1 as a constant and S's derivative as a sum over the other classes, without the
+        # cancellation p_k - p_k² where a class other than the label dominates. (Over every class, with smoothing
+        # or probabilities, its backward would cost a third more of the whole backward; it stays a constant there.)
+        mx = xs.amax(d, keepdim=True) if index else xs.detach().amax(d, keepdim=True)
         z = xs - torch.where(torch.isfinite(mx), mx, 0.0)
         e = torch.exp(z)
-        if p.labels is not None and isinstance(p.eps, float) and p.eps == 0.0:
+        if index and p.labels is not None:
             yk = p.labels.long().unsqueeze(d)
             rest = e.scatter(d, yk, 0.0).sum(d, keepdim=True)  # Σ_{k≠y} e_k, summed without e_y
             zy = z.gather(d, yk)
             s = rest + torch.exp(zy)
-            u, lp = _one_minus_p_and_log_p(zy, torch.log(s), rest, s)
+            u, lp, pk = _one_minus_p_and_log_p(zy, torch.log(s), rest, s)
             if isinstance(gamma, torch.Tensor) and gamma.dim() > 0:
                 gamma = gamma.expand(xs.shape).gather(d, yk)
-            term = _smooth_modulator(u, gamma, o) * (lp if not p.poly1 else lp - p.poly1 * u)
+            term = _smooth_modulator(u, pk, gamma, o) * (lp if not p.poly1 else lp - p.poly1 * u)
             if p.weight is not None:
                 term = term * p.weight.to(o.cdtype)[yk]
             loss = term.neg().squeeze(d)
@@ -361,8 +371,8 @@ def _plain_loss(x: torch.Tensor, p: _Plain, o: _Opts) -> torch.Tensor:
             is_max = torch.zeros(xs.shape, dtype=torch.bool, device=xs.device).scatter(d, idx, True)
             s = e.sum(d, keepdim=True)
             rest = torch.where(is_max, e.scatter(d, idx, 0.0).sum(d, keepdim=True), s - e)
-            u, lp = _one_minus_p_and_log_p(z, torch.log(s), rest, s)
-            term = _smooth_modulator(u, gamma, o) * (lp if not p.poly1 else lp - p.poly1 * u)
+            u, lp, pk = _one_minus_p_and_log_p(z, torch.log(s), rest, s)
+            term = _smooth_modulator(u, pk, gamma, o) * (lp if not p.poly1 else lp - p.poly1 * u)
             if p.weight is not None:
                 term = term * _class_view(p.weight.to(o.cdtype), xs.dim(), d)
             eps = p.eps
