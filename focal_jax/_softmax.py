@@ -60,12 +60,16 @@ def _omp_with_tails(others: jax.Array, s: jax.Array, p: jax.Array) -> jax.Array:
     return others / s
 
 
-@_omp_with_tails.defjvp
-def _omp_with_tails_jvp(primals, tangents):
-    others, s, p = primals
-    d_others, ds, dp = tangents
+def _d_omp(others: jax.Array, s: jax.Array, p: jax.Array, d_others: jax.Array, ds: jax.Array,
+           dp: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """1-p = others / S and its tangent: -dp where p <= 1/2, d(others / S) elsewhere."""
     omp = others / s
     return omp, jnp.where(p <= 0.5, -dp, (d_others - omp * ds) / s)
+
+
+@_omp_with_tails.defjvp
+def _omp_with_tails_jvp(primals, tangents):
+    return _d_omp(*primals, *tangents)
 
 
 @jax.custom_jvp
@@ -176,8 +180,7 @@ def _at_label(a: jax.Array, per_e: jax.Array, others: jax.Array, s: jax.Array, p
 def _at_label_jvp(primals, tangents):
     a, per_e, others, s, p = primals
     da, _, d_others, ds, dp = tangents
-    omp = others / s
-    d_omp = jnp.where(p <= 0.5, -dp, (d_others - omp * ds) / s)
+    omp, d_omp = _d_omp(others, s, p, d_others, ds, dp)
     return per_e * others, da * omp + a * d_omp
 
 

@@ -200,3 +200,43 @@ def test_softmax_hessian_where_another_class_leads(route, dtype, gamma):
     got = _softmax_hessians(route, rows, gamma, dtype)
     assert np.isfinite(got).all()
     _exact.assert_close(got, exact, scale, k, dtype, _rtol(dtype), f"{route} Hessian, γ={gamma}")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("leader", ["label", "other"])
+def test_softmax_hessian_with_the_classes_on_another_axis_and_uint8_labels(route, leader):
+    """Classes first (JAX ``axis=0``; torch (1, C, L) with ``dim=1``), uint8 labels: the same entries."""
+    gamma = 0.5
+    rows, exact, scale, k = _softmax_rows("float64", gamma, leader)
+    r = len(rows)
+    if route == "jax":
+        with jax.enable_x64(True):
+            y = jnp.zeros(r, jnp.uint8)
+            h = jax.hessian(lambda z: focal_jax.softmax_focal_loss(z, y, gamma=gamma, axis=0, reduction="sum"))(
+                jnp.asarray(rows.T))
+            got = np.stack([np.asarray(h)[:, i, :, i] for i in range(r)])
+    else:
+        y = torch.zeros(1, r, dtype=torch.uint8)
+
+        def loss(z):
+            return focal_torch.softmax_focal_loss(z, y, gamma=gamma, dim=1, reduction="sum")
+
+        xt = torch.tensor(rows.T[None])  # (1, C, R)
+        h = torch.autograd.functional.hessian(loss, xt) if route == "torch-double-backward" else \
+            torch.func.hessian(loss)(xt)
+        got = np.stack([h[0, :, i, 0, :, i].numpy() for i in range(r)])
+    _exact.assert_close(got, exact, scale, k, "float64", _rtol("float64"), f"{route} Hessian, classes first")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_softmax_hessian_with_many_classes(route):
+    """130 classes (JAX masks the positions it does not count differently from 128 classes on)."""
+    gamma, c = 0.5, 130
+    rows = np.zeros((2, c))
+    rows[0, 1], rows[1, 0], rows[1, 5] = 30.0, 30.0, -30.0  # another class leads; the label leads
+    rows[:, 7:] = np.linspace(-3.0, 3.0, c - 7)
+    exact = [_exact.softmax_hessian(list(row), 0, gamma) for row in rows]
+    hess, scale = np.stack([e[0] for e in exact]), np.stack([e[1] for e in exact])
+    k = H.modulator_condition(np.full(2, gamma), np.asarray([e[2] for e in exact]))[:, None, None]
+    got = _softmax_hessians(route, rows, gamma, "float64")
+    _exact.assert_close(got, hess, scale, k, "float64", _rtol("float64"), f"{route} Hessian, 130 classes")
