@@ -24,6 +24,7 @@ TORCH_TESTS=(
   parity_tests/test_torch_transform_constants.py
   parity_tests/test_second_derivatives.py
   parity_tests/test_torch_export.py
+  parity_tests/test_linear_torch.py
   parity_tests/test_distributed_torch.py
   parity_tests/test_torch_specific.py
   parity_tests/test_values.py

@@ -199,14 +199,10 @@ class _LinearFocal(torch.autograd.Function):
                 ctx.save_for_backward(x, weight, bias, cw, y, idx, rw)
                 return loss if rw is None else loss * rw
             total, grads = _reduced(x, weight, bias, cw, y, idx, cnt, rw, scale, o, want)
-            ctx.compiled = C.is_compiling()
-            if ctx.compiled:
-                ctx.save_for_backward(*grads)
-            else:
-                ctx.kept = grads
-                ctx.scale_t = isinstance(scale, torch.Tensor)
-                ctx.scale = None if ctx.scale_t else scale
-                ctx.save_for_backward(x, weight, bias, cw, y, idx, cnt, rw, scale if ctx.scale_t else None)
+            ctx.kept = grads
+            ctx.scale_t = isinstance(scale, torch.Tensor)
+            ctx.scale = None if ctx.scale_t else scale
+            ctx.save_for_backward(x, weight, bias, cw, y, idx, cnt, rw, scale if ctx.scale_t else None)
             return total
 
     @staticmethod
@@ -221,8 +217,6 @@ class _LinearFocal(torch.autograd.Function):
                 _, dx, dw, db, dcw = _sweep(x, weight, bias, cw, y, idx, cot if rw is None else cot * rw, o,
                                             ctx.want)
             return *_in_dtypes((dx, dw, db, dcw), (x, weight, bias, cw)), *tail
-        if ctx.compiled:
-            return *(None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors), *tail
         grads, ctx.kept = ctx.kept, None  # handed over: the caller owns them
         if grads is None:  # an earlier backward through this retained graph took them
             x, weight, bias, cw, y, idx, cnt, rw, scale_t = ctx.saved_tensors
@@ -232,6 +226,107 @@ class _LinearFocal(torch.autograd.Function):
         if not (grad_out.numel() == 1 and C.is_host(grad_out) and grad_out.item() == 1.0):
             grads = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
         return *grads, *tail
+
+
+# ----------------------------------------------------------------------------------------
+# Under torch.compile and torch.export: the same chunk loop as one custom operator (torch.library), which the
+# compiler calls as it is, like an ATen op, and generates no code for. (Traced op by op, the loop was unrolled into
+# the graph and its one chunk buffer was no longer reused: the compiled step held more than the whole logits, and
+# its first call compiled for twice as long.) The forward returns the loss and, reduced, the wanted gradients (an
+# empty placeholder for each gradient not wanted); the backward scales them, or, for ``"none"``, runs the backward
+# operator with the per-position cotangents.
+# ----------------------------------------------------------------------------------------
+
+
+def _op_opts(x: torch.Tensor, gamma: float, gamma_int: int, eps: float, rows: int, reduction: str) -> _Opts:
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return _Opts(gamma, None if gamma_int < 0 else gamma_int, eps, cd, rows, reduction)
+
+
+def _want4(want: list[bool]) -> tuple[bool, bool, bool, bool]:
+    return want[0], want[1], want[2], want[3]
+
+
+def _op_grads(grads, want: list[bool], x: torch.Tensor, cd: torch.dtype) -> list[torch.Tensor]:
+    """The wanted gradients, an empty placeholder for the others (an operator returns tensors only)."""
+    return [g if w and g is not None else x.new_empty((0,), dtype=cd) for g, w in zip(grads, want, strict=True)]
+
+
+def _fake_grads(ins, want: list[bool], x: torch.Tensor, cd: torch.dtype) -> list[torch.Tensor]:
+    return [t.new_empty(t.shape) if w and t is not None else x.new_empty((0,), dtype=cd)
+            for t, w in zip(ins, want, strict=True)]
+
+
+@torch.library.custom_op("focal_torch::linear_focal", mutates_args=())
+def _linear_focal_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cw: torch.Tensor | None,
+                     y: torch.Tensor, cnt: torch.Tensor | None, rw: torch.Tensor | None, scale: torch.Tensor,
+                     gamma: float, gamma_int: int, eps: float, rows: int, reduction: str,
+                     want: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o = _op_opts(x, gamma, gamma_int, eps, rows, reduction)
+    with torch.no_grad(), C.no_autocast(x.device):
+        if reduction == "none":
+            loss = _sweep(x, weight, bias, cw, y, None, 1.0, o, (False,) * 4)[0]
+            total, grads = (loss if rw is None else loss * rw), [None] * 4
+        else:
+            total, grads = _reduced(x, weight, bias, cw, y, None, cnt, rw, scale, o, _want4(want))
+    dx, dw, db, dcw = _op_grads(grads, want, x, o.cdtype)
+    return total, dx, dw, db, dcw
+
+
+@_linear_focal_op.register_fake
+def _linear_focal_fake(x, weight, bias, cw, y, cnt, rw, scale, gamma, gamma_int, eps, rows, reduction, want):
+    cd = _op_opts(x, gamma, gamma_int, eps, rows, reduction).cdtype
+    if reduction == "none":
+        return x.new_empty((x.shape[0],), dtype=cd), *_fake_grads((None,) * 4, want, x, cd)
+    return x.new_empty((), dtype=cd), *_fake_grads((x, weight, bias, cw), want, x, cd)
+
+
+@torch.library.custom_op("focal_torch::linear_focal_backward", mutates_args=())
+def _linear_focal_backward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              cw: torch.Tensor | None, y: torch.Tensor, rw: torch.Tensor | None, cot: torch.Tensor,
+                              gamma: float, gamma_int: int, eps: float, rows: int,
+                              want: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o = _op_opts(x, gamma, gamma_int, eps, rows, "none")
+    cot = cot.to(o.cdtype)
+    with torch.no_grad(), C.no_autocast(x.device):
+        _, dx, dw, db, dcw = _sweep(x, weight, bias, cw, y, None, cot if rw is None else cot * rw, o, _want4(want))
+    dx, dw, db, dcw = _op_grads(_in_dtypes((dx, dw, db, dcw), (x, weight, bias, cw)), want, x, o.cdtype)
+    return dx, dw, db, dcw
+
+
+@_linear_focal_backward_op.register_fake
+def _linear_focal_backward_fake(x, weight, bias, cw, y, rw, cot, gamma, gamma_int, eps, rows, want):
+    return tuple(_fake_grads((x, weight, bias, cw), want, x, _op_opts(x, gamma, gamma_int, eps, rows, "none").cdtype))
+
+
+def _linear_focal_setup(ctx, inputs, output):
+    x, weight, bias, cw, y, cnt, rw, scale, gamma, gamma_int, eps, rows, reduction, want = inputs
+    ctx.args, ctx.want, ctx.reduction = (gamma, gamma_int, eps, rows), want, reduction
+    if reduction == "none":
+        ctx.save_for_backward(x, weight, bias, cw, y, rw)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _linear_focal_backward(ctx, grad_out, *unused):
+    if ctx.reduction == "none":
+        grads = torch.ops.focal_torch.linear_focal_backward(*ctx.saved_tensors, grad_out, *ctx.args, ctx.want)
+    else:
+        grads = [g * grad_out.to(g.dtype) for g in ctx.saved_tensors]
+    return *(g if w else None for g, w in zip(grads, ctx.want, strict=True)), *(None,) * 10
+
+
+_linear_focal_op.register_autograd(_linear_focal_backward, setup_context=_linear_focal_setup)
+
+
+def _compiled_loss(x, weight, bias, cw, y, cnt, rw, scale, o: _Opts, grad: bool) -> torch.Tensor:
+    """The loss through the custom operator (under ``torch.compile``; no positions left out)."""
+    want = [bool(grad and t is not None and t.requires_grad) for t in (x, weight, bias, cw)]
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(scale, dtype=o.cdtype, device=x.device)
+    return torch.ops.focal_torch.linear_focal(x, weight, bias, cw, y, cnt, rw, scale, o.gamma,
+                                              -1 if o.gamma_int is None else o.gamma_int, o.eps, o.rows,
+                                              o.reduction, want)[0]
 
 
 def _option(value: Any) -> Any:
@@ -296,10 +391,13 @@ def linear_softmax_focal_loss(
     the input's dtype for float16/bfloat16), plus arrays of the size of ``input``. Positions not counted
     (``ignore_index``, ``where=False``) are left out before the matmuls.
 
-    Under ``torch.compile`` the same chunked function is traced (uncounted positions masked instead of left
-    out; a label outside [0, V) gives a NaN loss instead of the error). Under ``torch.func`` transforms
-    (``grad``, ``vmap``, ...) the loss is computed as its definition, on materialised logits, with
-    :func:`focal_torch.softmax_focal_loss`.
+    Under ``torch.compile`` (and ``torch.export``) the same chunked computation runs as one custom operator,
+    ``torch.ops.focal_torch.linear_focal`` (``torch.library``): the compiler calls it as it is and generates no code
+    for it, so the memory stays one chunk's logits (uncounted positions masked instead of left out; a label
+    outside [0, V) gives a NaN loss instead of the error). A reduced loss there holds one more array of
+    ``weight``'s size than in eager mode: the backward scales a copy of the gradients formed in the forward.
+    Under ``torch.func`` transforms (``grad``, ``vmap``, ...) the loss is computed as its definition, on
+    materialised logits, with :func:`focal_torch.softmax_focal_loss`.
 
     Args:
       input: hidden states of shape (..., D), a floating ``torch.Tensor`` (any layout).
@@ -420,7 +518,8 @@ def linear_softmax_focal_loss(
             count = float(count)
         scale = _distributed.mean_scale(count, process_group, dtype=cd, device=dev)
     try:
-        loss = _LinearFocal.apply(x, weight, bias, cw, y, idx, cnt, rw, scale, o, grad)
+        loss = (_LinearFocal.apply(x, weight, bias, cw, y, idx, cnt, rw, scale, o, grad) if eager else
+                _compiled_loss(x, weight, bias, cw, y, cnt, rw, scale, o, grad))
     except RuntimeError:
         if not eager or not C.functions_refused():
             raise

@@ -61,6 +61,36 @@ def test_exported_module_matches_the_reference(loss, strict, dynamic):
     H.assert_close(out.detach().numpy(), expected, "float32", f"exported {loss}")
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_exported_linear_loss_matches_the_reference(strict):
+    """The fused linear loss exported with a dynamic batch: the program holds the chunked operator, and run on a
+    batch of another size it gives the float64 reference's loss of the materialised logits."""
+    ft = _ft()
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 5)
+            self.loss = ft.LinearSoftmaxFocalLoss(gamma=0.5, chunk_size=3)
+
+        def forward(self, h, y):
+            return self.loss(h, self.proj.weight, y, bias=self.proj.bias)
+
+    torch.manual_seed(0)
+    head = Head()
+    batch = torch.export.Dim("batch")
+    g = torch.Generator().manual_seed(0)
+    program = torch.export.export(head, (torch.randn(4, 6, generator=g), torch.randint(0, 5, (4,), generator=g)),
+                                  strict=strict, dynamic_shapes=({0: batch}, {0: batch}))
+    assert any("focal_torch.linear_focal" in str(n.target) for n in program.graph.nodes)
+    h, y = torch.randn(7, 6, generator=g) * 3, torch.randint(0, 5, (7,), generator=g)
+    out = program.module()(h, y)
+    w, b = (t.detach().double().numpy() for t in (head.proj.weight, head.proj.bias))
+    logits = h.double().numpy() @ w.T + b
+    H.assert_close(out.detach().numpy(), reference.softmax_focal_loss(logits, y.numpy(), gamma=0.5, axis=-1)[0],
+                   "float32", "exported linear loss")
+
+
 def test_exported_sigmoid_gives_nan_for_an_unchecked_target():
     ft = _ft()
     module = ft.SigmoidFocalLoss(reduction="none")
