@@ -239,8 +239,7 @@ class _LinearFocal(torch.autograd.Function):
 
 
 def _op_opts(x: torch.Tensor, gamma: float, gamma_int: int, eps: float, rows: int, reduction: str) -> _Opts:
-    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _Opts(gamma, None if gamma_int < 0 else gamma_int, eps, cd, rows, reduction)
+    return _Opts(gamma, None if gamma_int < 0 else gamma_int, eps, C.compute_dtype(x.dtype), rows, reduction)
 
 
 def _want4(want: list[bool]) -> tuple[bool, bool, bool, bool]:
