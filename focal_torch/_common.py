@@ -335,7 +335,7 @@ def chunked(x: torch.Tensor, *operands: torch.Tensor | None,
         ops = [None if op is None else op.reshape(-1) for op in operands]
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
-            yield ("flat", sl), (xs[sl], *[None if op is None or op.numel() == 1 else op[sl] for op in ops])
+            yield ("flat", sl), (xs[sl], *[op if op is None or op.numel() == 1 else op[sl] for op in ops])
         return
     rows = x.shape[0]
     step = max(1, chunk // max(1, n // rows))

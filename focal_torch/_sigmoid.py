@@ -92,21 +92,24 @@ def _prepare(x, t, mask, eps, cdtype, bits):
 
 class _Buffers:
     """Temporaries reused by every piece of one call: a fresh large tensor per op would be faulted in anew
-    each time (the allocator returns large blocks to the system)."""
+    each time (the allocator returns large blocks to the system). The views of each shape are kept too."""
 
     def __init__(self, x: torch.Tensor, dtype: torch.dtype):
-        self.n = 0
         self.dtype, self.device = dtype, x.device
         self.bufs: dict[int, torch.Tensor] = {}
+        self.views: dict[tuple, torch.Tensor] = {}
 
-    def __call__(self, i: int, shape) -> torch.Tensor | None:
-        n = 1
-        for d in shape:
-            n *= d
-        b = self.bufs.get(i)
-        if b is None or b.numel() < n:
-            b = self.bufs[i] = torch.empty(n, dtype=self.dtype, device=self.device)
-        return b[:n].view(shape)
+    def __call__(self, i: int, shape) -> torch.Tensor:
+        key = (i, *shape)
+        v = self.views.get(key)
+        if v is None:
+            n = math.prod(shape)
+            b = self.bufs.get(i)
+            if b is None or b.numel() < n:
+                b = self.bufs[i] = torch.empty(n, dtype=self.dtype, device=self.device)
+                self.views = {k: w for k, w in self.views.items() if k[0] != i}
+            v = self.views[key] = b[:n].view(shape)
+        return v
 
 
 def _new(ws: _Buffers | None, i: int, shape) -> dict:
@@ -153,49 +156,92 @@ def _ce_inplace(x, tp, s, sn, pw, o: _Opts, ws: _Buffers | None = None) -> torch
 
 
 def _piece(x, t, alpha, weight, pw, mask, eps, o: _Opts, *, loss: bool = True, grad: bool = False,
-           ws: _Buffers | None = None, fold: float = 1.0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(elementwise ℓ, dℓ/dx) of one piece, each only if asked for, sharing every intermediate: eager, in
-    place, no autograd. Both come out in the compute dtype, in buffers that the next piece reuses. Both are
-    multiplied by ``fold`` (taken into a number α's α_t: no multiplication of its own)."""
+           ws: _Buffers | None = None, fold: float = 1.0, g_coef: float = 1.0,
+           g_out: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(elementwise ℓ, dℓ/dx times ``g_coef``) of one piece, each only if asked for, sharing every intermediate:
+    eager, in place, no autograd. Both come out in the compute dtype, in buffers that the next piece reuses (dℓ/dx
+    in ``g_out`` where the last step can write there). Both are multiplied by ``fold`` (taken into a number α's
+    α_t: no multiplication of its own)."""
     bits = None if mask is None else C.keep_bits(mask, o.cdtype)
     x, tp = _prepare(x, t, mask, eps, o.cdtype, bits)
     s = torch.sigmoid(x, **_new(ws, 3, x.shape))
     sn = torch.neg(x, **_new(ws, 4, x.shape)).sigmoid_()
     ce = _ce_inplace(x, tp, s, sn, pw, o, ws) if loss or o.gamma_int != 0 else None  # buffer 1; 0 and 2 free
     g = None
+    if o.gamma_int is not None and o.gamma_int > 0:
+        return _piece_whole_gamma(x, tp, s, sn, cast(torch.Tensor, ce), alpha, weight, pw, mask, bits, o,
+                                  loss=loss, grad=grad, ws=ws, fold=fold, g_coef=g_coef, g_out=g_out)
     if o.gamma_int == 0:
         if grad:  # (1-t') s - π t' s̄: exactly s or -π s̄ for hard targets
             g = s.lerp_(sn.neg_() if pw is None else sn.mul_(-pw), tp)
-    else:
+    else:  # γ is a number that is not whole: q^(γ-1) may exceed 1 and is applied before anything can underflow
         ce = cast(torch.Tensor, ce)  # computed above where γ != 0
         q = torch.lerp(s, sn, tp, **_new(ws, 5, x.shape))
-        if o.gamma_int is not None:  # q^(γ-1) <= 1: a product (q itself for γ = 2)
-            mq = C.ipow(q, o.gamma_int - 1, inplace=False) if o.gamma_int > 1 else None
-        else:  # q^(γ-1) may exceed 1: applied before anything can underflow (γ is a number: see _fast)
-            mq = torch.clamp(q, min=_tiny(o.cdtype), **_new(ws, 6, x.shape)).pow_(cast(float, o.gamma) - 1.0)
+        mq = torch.clamp(q, min=_tiny(o.cdtype), **_new(ws, 6, x.shape)).pow_(cast(float, o.gamma) - 1.0)
         if grad:
-            if pw is None:
-                d_ce = torch.addcmul(q, tp, sn, value=-2.0, **_new(ws, 0, x.shape))  # q - 2t's̄ = (1-t')s - t's̄
-            else:
-                d_ce = torch.lerp(s, torch.mul(sn, pw, **_new(ws, 0, x.shape)).neg_(), tp)
+            d_ce = _d_ce(s, sn, q, tp, pw, ws)
             u = torch.mul(s, sn, **_new(ws, 2, x.shape))
-            if mq is not None:  # first: s s̄ ce may underflow where q^(γ-1) > 1
-                u.mul_(mq)
+            u.mul_(mq)  # first: s s̄ ce may underflow where q^(γ-1) > 1
             u.mul_(ce)
             u.addcmul_(u, tp, value=-2.0)  # q^(γ-1) (1-2t') s s̄ ce = q^(γ-1) ce dq/dx
-        if mq is not None:
-            q = q.mul_(mq)  # q^γ
+        q = q.mul_(mq)  # q^γ
         if grad:
-            # q^γ dce/dx + γ q^(γ-1) ce dq/dx (γ may be a 0-d tensor)
-            g = d_ce.mul_(q)
-            g = g.add_(u.mul_(o.gamma)) if isinstance(o.gamma, torch.Tensor) else g.add_(u, alpha=o.gamma)
+            # q^γ dce/dx + γ q^(γ-1) ce dq/dx
+            g = d_ce.mul_(q).add_(u, alpha=cast(float, o.gamma))
         if loss:
             ce = ce.mul_(q)
     factors = _factors(tp, alpha, weight, o, ws, fold)
     if loss:
         _finish_inplace(ce, factors, mask, bits)
     if grad:
+        g = cast(torch.Tensor, g)
         _finish_inplace(g, factors, mask, bits)
+        if g_coef != 1.0:
+            g.mul_(g_coef)
+    return (ce if loss else None), g
+
+
+def _d_ce(s, sn, q, tp, pw, ws) -> torch.Tensor:
+    """dce/dx = (1-t') s - π t' s̄ (buffer 0): q - 2t's̄ without π (one op, exact for hard targets)."""
+    if pw is None:
+        return torch.addcmul(q, tp, sn, value=-2.0, **_new(ws, 0, s.shape))
+    return torch.lerp(s, torch.mul(sn, pw, **_new(ws, 0, s.shape)).neg_(), tp)
+
+
+def _piece_whole_gamma(x, tp, s, sn, ce, alpha, weight, pw, mask, bits, o: _Opts, *, loss: bool, grad: bool,
+                       ws: _Buffers | None, fold: float, g_coef: float, g_out: torch.Tensor | None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`_piece` for a whole γ >= 1, where q^(γ-1) <= 1 is a product (q itself for γ = 2), as
+    ℓ = A · q ce and dℓ/dx = γ A · (ce dq/dx + q dce/dx / γ), with A = a q^(γ-1) formed once for both."""
+    q = torch.lerp(s, sn, tp, **_new(ws, 5, x.shape))
+    gi = cast(int, o.gamma_int)
+    g = None
+    if grad:
+        d_ce = _d_ce(s, sn, q, tp, pw, ws)
+        g = torch.mul(s, sn, **_new(ws, 2, x.shape))
+        g.addcmul_(g, tp, value=-2.0).mul_(ce)  # (1-2t') s s̄ ce = ce dq/dx
+        g.addcmul_(q, d_ce, value=1.0 / gi)
+    factors = _factors(tp, alpha, weight, o, ws, fold)
+    if gi > 1:
+        factors.append(C.ipow(q, gi - 1, inplace=False))
+    a = None
+    if len(factors) == 1:
+        a = factors[0]
+    elif factors:
+        a = torch.mul(factors[0], factors[1], **_new(ws, 6, x.shape))
+        for f in factors[2:]:
+            a.mul_(f)
+    if loss:
+        ce = ce.mul_(q)
+        _finish_inplace(ce, [] if a is None else [a], mask, bits)
+    if grad:
+        g = cast(torch.Tensor, g)
+        if a is not None:
+            g = torch.mul(g, a, **({} if g_out is None else {"out": g_out}))
+        if gi * g_coef != 1.0:
+            g.mul_(gi * g_coef)
+        if mask is not None:
+            C.zero_unless_(g, bits)
     return (ce if loss else None), g
 
 
@@ -234,16 +280,19 @@ def _eager(x, t, alpha, weight, pw, mask, eps, o: _Opts, scale, *, loss: bool, g
     for region, (xp, tp, ap, wp, pp, mp, cp) in pieces:
         if not per_element:
             cp = k
-        lp, gp = _piece(xp, tp, ap, wp, pp, mp, eps, o, loss=loss, grad=grad, ws=ws, fold=scale if fold else 1.0)
-        if gp is not None and cp is not None:
+        dst = None if g_out is None else C.piece_of(g_out, region)
+        number = isinstance(cp, float)
+        lp, gp = _piece(xp, tp, ap, wp, pp, mp, eps, o, loss=loss, grad=grad, ws=ws, fold=scale if fold else 1.0,
+                        g_coef=cast(float, cp) if number else 1.0, g_out=dst)
+        if gp is not None and cp is not None and not number:
             gp = gp.mul_(cp)
         if whole:
             g, total = gp, lp
             if lp is not None and o.reduction != "none":
                 sums.append(lp.sum())
             break
-        if gp is not None:  # grad, and not whole: g_out is a tensor
-            C.piece_of(cast(torch.Tensor, g_out), region).copy_(gp)
+        if gp is not None and gp.data_ptr() != cast(torch.Tensor, dst).data_ptr():  # not written in place
+            cast(torch.Tensor, dst).copy_(gp)
         if lp is not None:
             if l_out is not None:
                 C.piece_of(l_out, region).copy_(lp)

@@ -5,6 +5,7 @@ and every target dtype. Every number is compared with the float64 reference of `
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -153,6 +154,54 @@ def test_float32_precision_at_any_logit(gamma, target, path, monkeypatch):
     assert_ulps(v, ref_v, 8, "value")
     scale = None if target in (0.0, 1.0) else _terms_scale(x.double().numpy(), t.double().numpy(), gamma)
     assert_ulps(g, ref_g, 8, "gradient", scale=scale)
+
+
+@pytest.mark.parametrize("layout", ["flat", "rows"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("gamma", [1.0, 2.0, 3.0], ids=lambda g: f"gamma={g}")
+def test_pieces_of_unequal_size(layout, reduction, gamma, monkeypatch):
+    """The chunked kernels reuse one set of temporaries across pieces. A last piece of another shape (35007 is odd;
+    7 rows in pieces of 3) gets temporaries of its own shape: no output of ``out=`` is resized (which torch warns
+    about) and every element matches the reference, with a mask, a weight and ``pos_weight`` too."""
+    from focal_torch import _common
+
+    rows, cols = 7, 5001
+    monkeypatch.setattr(_common, "CHUNK", -(-3 * cols // max(1, torch.get_num_threads())))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 4
+    t = (torch.rand(rows, cols, generator=g, dtype=torch.float64) < 0.3).double()
+    w = torch.rand(rows, cols, generator=g, dtype=torch.float64) + 0.5
+    where = torch.rand(rows, cols, generator=g) < 0.8
+    xt = x.float() if layout == "flat" else x.float().t().contiguous().t()  # rows: not flattenable
+    assert xt.is_contiguous() == (layout == "flat")
+    kw = dict(gamma=gamma, alpha=0.25, pos_weight=1.5, where=where)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v, grad = _value_and_grad(lambda z: _ft().sigmoid_focal_loss(z, t.float(), weight=w.float(),
+                                                                      reduction=reduction, **kw), xt)
+    xs, ts = x.float().double().numpy(), t.numpy()
+    ref_v, ref_g = reference.sigmoid_focal_loss(xs, ts, weight=w.float().double().numpy(), reduction=reduction,
+                                                **{**kw, "where": where.numpy()})
+    assert_ulps(v, ref_v, 8 if reduction == "none" else 64, "value")
+    assert_ulps(grad, ref_g, 8 if reduction == "none" else 64, "gradient")
+
+
+@pytest.mark.parametrize("kw", [{"pos_weight": 1.5}, {"pos_weight": "0-d"}, {"weight": "(1,)"}, {"alpha": "0-d"}],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_large_inputs_keep_one_element_options(kw):
+    """Inputs past one piece (2^19 elements at the default piece size) with a one-element ``pos_weight``,
+    ``weight`` or ``alpha``: each piece applies it, as the reference does."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(512, 1024, generator=g, dtype=torch.float64) * 3
+    t = (torch.rand(512, 1024, generator=g, dtype=torch.float64) < 0.3).double()
+    values = {"0-d": 0.3, "(1,)": 2.5}
+    tk = {k: (torch.tensor([values[v]]) if v == "(1,)" else torch.tensor(values[v])) if isinstance(v, str) else v
+          for k, v in kw.items()}
+    rk = {k: v.double().numpy() if isinstance(v, torch.Tensor) else v for k, v in tk.items()}
+    v, grad = _value_and_grad(lambda z: _ft().sigmoid_focal_loss(z, t.float(), gamma=2.0, **tk), x.float())
+    ref_v, ref_g = reference.sigmoid_focal_loss(x.float().double().numpy(), t.numpy(), gamma=2.0, **rk)
+    assert_ulps(v, ref_v, 64, "value")
+    assert_ulps(grad, ref_g, 8, "gradient")
 
 
 @pytest.mark.parametrize("path", _paths())
