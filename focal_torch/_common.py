@@ -35,10 +35,17 @@ MAX_PIECES = 16
 each region can stall, so very large inputs get larger pieces rather than more of them."""
 
 
-@functools.cache
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other dtype is computed in float32 (focal_spec.compute_dtype)."""
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return getattr(torch, focal_spec.compute_dtype(focal_spec.dtype_name(dtype)))
+
+
+_compute_dtype_cached = functools.cache(_compute_dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype is computed in float32 (focal_spec.compute_dtype). Cached in eager
+    calls; traced directly under Dynamo, which warns about a cache wrapper it has to skip."""
+    return _compute_dtype(dtype) if is_compiling() else _compute_dtype_cached(dtype)
 
 
 def is_compiling() -> bool:
