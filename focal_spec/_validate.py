@@ -131,6 +131,8 @@ def is_bool(value: Any) -> bool:
     :class:`Unknown`) of dtype bool. A boolean is never read as the number 0 or 1."""
     if isinstance(value, (bool, np.bool_)):
         return True
+    if isinstance(value, (int, float)):  # also a number that torch.compile traces symbolically: no attributes
+        return False
     dtype = getattr(value, "dtype", None)
     return dtype is not None and dtype_name(dtype) == "bool"
 
@@ -181,7 +183,7 @@ def check_gamma(gamma: Any) -> float | np.ndarray | Unknown:
         return gamma
     if isinstance(gamma, numbers.Real) and not is_bool(gamma):
         g = float(gamma)
-        if not math.isfinite(g) or g < 0:
+        if not 0.0 <= g < math.inf:  # NaN fails too; comparisons only (a traced number has no isfinite)
             raise ValueError(invalid_value("gamma", GAMMA_EXPECTED, gamma))
         return g
     arr = _host_array("gamma", gamma, GAMMA_EXPECTED)

@@ -500,6 +500,8 @@ def linear_softmax_focal_loss(
         if counted is not None:
             bad = bad & counted
             rw = counted.to(cd)
+            # the uncounted rows are weighted by 0, and 0 · NaN is NaN: whatever they hold never enters the sweep
+            x = torch.where(counted.unsqueeze(1), x, 0.0)
         y = torch.where(bad if counted is None else bad | ~counted, 0, y)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, cw))
     cnt = None

@@ -362,6 +362,62 @@ def test_torch_compile_calls_the_chunked_operator():
     torch.testing.assert_close(wl.grad, wr.grad, rtol=2e-6, atol=2e-6 * float(wr.grad.abs().max()))
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("masked_by", ["ignore_index", "where"])
+def test_torch_compile_masked_positions_may_hold_nan(masked_by, reduction):
+    """Compiled, the uncounted positions stay in the operator's rows with a weight of 0: NaN and inf held there
+    (padding) give the eager results, finite, with an exactly zero gradient at those positions."""
+    torch._dynamo.reset()
+    x, w, b, y, _, where = _data()
+    skipped = (y == -100) if masked_by == "ignore_index" else ~where
+    kw = {} if masked_by == "ignore_index" else {"where": where}
+    y = y if masked_by == "ignore_index" else y.clamp(min=0)
+    x[skipped] = float("nan")
+    x[torch.nonzero(skipped)[0]] = float("inf")
+
+    def loss(x, w, y, bias):
+        return focal_torch.linear_softmax_focal_loss(x, w, y, bias=bias, reduction=reduction, chunk_size=4, **kw)
+
+    res = []
+    for fn in (torch.compile(loss, fullgraph=True, backend="aot_eager"), loss):
+        xl, wl, bl = _leaves(x, w, b)
+        val = fn(xl, wl, y, bl)
+        cot = torch.randn(val.shape, generator=torch.Generator().manual_seed(1), dtype=val.dtype)
+        res.append((val.detach(), torch.autograd.grad(val, (xl, wl, bl), cot)))
+    (v_c, g_c), (v_e, g_e) = res
+    assert torch.isfinite(v_c).all() and all(torch.isfinite(g).all() for g in g_c)
+    assert float(g_c[0][skipped].abs().sum()) == 0.0
+    _assert_identity((v_c, g_c), (v_e, g_e), f"compiled, {masked_by} positions holding NaN")
+
+
+def test_torch_compile_options_that_change_between_calls():
+    """``dynamic=True``, and a gamma or label smoothing that changes from call to call (Dynamo traces the number
+    symbolically on the second compilation): the compiled loss is the eager one for each value, and an invalid
+    gamma raises the spec's error there too."""
+    x, w, b, y, _, _ = _data()
+
+    def loss(x, w, y, gamma, eps):
+        return focal_torch.linear_softmax_focal_loss(x, w, y, gamma=gamma, label_smoothing=eps, chunk_size=4)
+
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+        for gamma, eps in ((2.0, 0.0), (1.0, 0.0), (0.5, 0.1), (3.0, 0.2)):
+            res = []
+            for fn in (compiled, loss):
+                xl, wl = _leaves(x, w)
+                val = fn(xl, wl, y, gamma, eps)
+                res.append((val.detach(), torch.autograd.grad(val, (xl, wl))))
+            _assert_identity(*res, f"compiled (dynamic={dynamic}), gamma={gamma}, label_smoothing={eps}")
+        with pytest.raises(Exception) as info:  # fullgraph: Dynamo reports the error it traced as its own
+            compiled(x, w, y, -1.0, 0.0)
+        chain, e = [], info.value
+        while e is not None:
+            chain.append(f"{type(e).__name__}: {e}")
+            e = e.__cause__ or e.__context__
+        assert any("Invalid value for argument `gamma`" in m and "-1.0" in m for m in chain), chain
+
+
 def test_torch_func_transforms_use_the_definition():
     from torch.func import grad, vmap
 
