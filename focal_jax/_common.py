@@ -12,9 +12,26 @@ from jax.custom_derivatives import SymbolicZero
 import focal_spec
 
 
-def as_array(value: jax.typing.ArrayLike) -> jax.Array:
-    """``jnp.asarray`` that keeps an existing array (and its dtype) untouched."""
-    return value if isinstance(value, jax.Array) else jnp.asarray(value)
+def as_array(value: jax.typing.ArrayLike, arg: str | None = None) -> jax.Array:
+    """``jnp.asarray`` that keeps an existing array (and its dtype) untouched.
+
+    With ``arg`` (labels, targets): host integers that JAX would narrow (int64 to int32 without
+    ``jax_enable_x64``) must fit the narrower dtype, or a ValueError names ``arg``: a wrapped label would be
+    another class, or the ignored index, with no sign of it."""
+    if isinstance(value, jax.Array):
+        return value
+    if arg is not None and not is_traced(value):
+        host = np.asarray(value)
+        if host.dtype.kind in "iu" and host.size:
+            narrow = np.dtype(jax.dtypes.canonicalize_dtype(host.dtype))
+            if narrow != host.dtype:
+                info, lo, hi = np.iinfo(narrow), host.min(), host.max()
+                if lo < info.min or hi > info.max:
+                    raise ValueError(focal_spec.invalid_value(
+                        arg, f"integers that {narrow} holds (JAX narrows {host.dtype} to {narrow} unless "
+                        "jax_enable_x64 is set)", int(lo) if lo < info.min else int(hi)))
+            return jnp.asarray(host)
+    return jnp.asarray(value)
 
 
 def shape_of(value: Any) -> tuple[int, ...] | None:

@@ -78,7 +78,7 @@ def positive_normalizer(
     References:
       Lin et al., `Focal Loss for Dense Object Detection <https://arxiv.org/abs/1708.02002>`_, 2017.
     """
-    targets = _common.as_array(targets)
+    targets = _common.as_array(targets, "targets")
     dtype = _common.compute_dtype(targets.dtype)
     # The sigmoid loss's validation covers the targets' dtype and the shape of ``where``.
     focal_spec.sigmoid_options(targets.shape, dtype, targets.shape, targets.dtype, gamma=focal_spec.GAMMA,

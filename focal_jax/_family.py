@@ -291,7 +291,7 @@ def _family_loss(loss: str, term: Callable[..., jax.Array], logits: jax.typing.A
                  axis_name: Hashable | None, label_smoothing: Any = 0.0, **hyper: float) -> jax.Array:
     """Validates, casts, masks, applies ``term`` elementwise, weights and reduces."""
     logits = _common.as_array(logits)
-    targets = _common.as_array(targets)
+    targets = _common.as_array(targets, "targets")
     opts = focal_spec.family_options(
         loss, logits.shape, logits.dtype, targets.shape, targets.dtype, weight_shape=_common.shape_of(weight),
         where_shape=_common.shape_of(where), where_dtype="bool" if where is None else _common.dtype_of(where),

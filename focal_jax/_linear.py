@@ -304,7 +304,7 @@ def linear_softmax_focal_loss(
       >>> print(f"{focal_jax.softmax_focal_loss(hidden @ weight.T, labels):.4f}")
       0.7618
     """
-    hidden, weight, labels = _common.as_array(hidden), _common.as_array(weight), _common.as_array(labels)
+    hidden, weight, labels = _common.as_array(hidden), _common.as_array(weight), _common.as_array(labels, "labels")
     opts = focal_spec.linear_options(
         hidden.shape, hidden.dtype, weight.shape, weight.dtype, _common.shape_of(bias), labels.shape,
         labels.dtype, gamma=gamma, class_weight_shape=_common.shape_of(class_weight), ignore_index=ignore_index,

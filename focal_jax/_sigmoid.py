@@ -330,7 +330,7 @@ def sigmoid_focal_loss(
     normalized = _variants.check_normalized(normalized)
     th = _variants.check_reduced_threshold(reduced_threshold)
     logits = _common.as_array(logits)
-    targets = _common.as_array(targets)
+    targets = _common.as_array(targets, "targets")
     opts = focal_spec.sigmoid_options(
         logits.shape, logits.dtype, targets.shape, targets.dtype,
         gamma=0.0 if schedule is not None else _common.host_value(gamma),

@@ -437,7 +437,7 @@ def softmax_focal_loss(
     """
     eps1 = focal_spec.variants.check_poly1(poly1)
     logits = _common.as_array(logits)
-    labels = _common.as_array(labels)
+    labels = _common.as_array(labels, "labels")
     opts = focal_spec.softmax_options(
         logits.shape, logits.dtype, labels.shape, labels.dtype, gamma=_common.host_value(gamma),
         weight_shape=_common.shape_of(weight), ignore_index=ignore_index,

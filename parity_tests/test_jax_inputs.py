@@ -106,6 +106,30 @@ def test_int64_labels_under_x64(x64):
     np.testing.assert_allclose(np.asarray(out), _softmax_expected(x, [1, 4, 2**40], 2**40), rtol=1e-12)
 
 
+NARROWED = {  # NumPy int64 values that int32 (JAX's int without x64) cannot hold: each would wrap to another one
+    "softmax": lambda y: focal_jax.softmax_focal_loss(np.zeros((len(y), 3), np.float32), y, reduction="none"),
+    "softmax-ignored": lambda y: focal_jax.softmax_focal_loss(np.zeros((len(y), 3), np.float32), y,
+                                                              ignore_index=-(2**40), reduction="none"),
+    "linear": lambda y: focal_jax.linear_softmax_focal_loss(np.ones((len(y), 2), np.float32),
+                                                            np.ones((3, 2), np.float32), y, reduction="none"),
+    "sigmoid": lambda y: focal_jax.sigmoid_focal_loss(np.zeros(len(y), np.float32), y, reduction="none"),
+}
+
+
+@pytest.mark.parametrize("value", [2**32 + 1, -(2**40)])
+@pytest.mark.parametrize("loss", sorted(NARROWED))
+def test_host_int64_labels_that_int32_cannot_hold_are_an_error_without_x64(loss, value):
+    """Without x64, JAX narrows NumPy int64 to int32: 2**32 + 1 would become class 1 and -2**40 class 0 (counted
+    even where it is the ignore_index). Host values are read before that, and such a value is an error."""
+    if jax.config.jax_enable_x64:
+        pytest.skip("x64 is on: int64 labels are kept as they are (test_int64_labels_under_x64)")
+    y = np.array([1, value, 0], np.int64)
+    with pytest.raises(ValueError, match=rf"Invalid value for argument `(labels|targets)`.*int32.*={value}$"):
+        NARROWED[loss](y)
+    ok = np.asarray(NARROWED[loss](np.array([1, 2**31 - 1 if loss != "sigmoid" else 1, 0], np.int64)))
+    assert ok.shape == (3,)  # values that int32 holds are converted as before (an out-of-range class: NaN)
+
+
 # 5 classes, and enough for the index kernel's per-position mask (focal_jax._softmax.ROW_MASK_MIN_CLASSES)
 GARBAGE_CLASSES = [5, 130]
 
