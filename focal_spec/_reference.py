@@ -204,7 +204,10 @@ def softmax_focal_loss(
     if eps1:  # d(1-p_c)^(γ+1)/dx_k = -(γ+1)(1-p_c)^γ p_c (δ_ck - p_k)
         loss = loss + eps1 * (wq * np.exp((g + 1.0) * log1mp)).sum(-1)
         a_c = a_c - eps1 * wq * (g + 1.0) * m * p
-    grad = a_c - p * a_c.sum(-1, keepdims=True)
+    # as A_k (1 - p_k) - p_k Σ_{c≠k} A_c: at a p_k close to 1, A_k - p_k A_k would cancel
+    a_others = np.stack([np.delete(a_c, k, axis=-1).sum(-1) for k in range(c)], axis=-1) if c else a_c
+    with np.errstate(invalid="ignore"):  # inf·0 where a logit is infinite: NaN, as the formula gives there
+        grad = a_c * np.exp(log1mp) - p * a_others
     value, grad = _reduce(loss, grad, o.reduction, denom)
     return value, np.moveaxis(grad, -1, o.axis)
 

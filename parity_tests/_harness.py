@@ -26,9 +26,10 @@ rounded to the compute dtype):
   compute dtype, so ``S`` also holds t'·|∂e/∂t'|, that rounding's effect.
 - ``K`` is the condition number of the modulator (1-p)^γ in its base: 1 + γ, plus γ|log(1-p)|
   where γ is not a whole number up to 8 (the spec evaluates those as exp(γ log(1-p))).
-- ``S_ref`` bounds the reference's own float64 rounding where its formula has a cancellation
-  the backends need not have (the softmax gradient A_k - p_k Σ_c A_c); ``REF_RTOL`` is a few
-  hundred float64 ulps.
+- ``S_ref`` bounds the reference's own float64 rounding of the softmax gradient, which it forms
+  as A_k (1-p_k) - p_k Σ_{c≠k} A_c: the magnitudes of those two terms, so that at a confident
+  label the bound stays relative to A_k (1-p_k), not to A_k. ``REF_RTOL`` is a few hundred
+  float64 ulps.
 - ``floor`` is the dtype's underflow scale (its smallest normal number): below it a dtype has
   only subnormals, without relative precision.
 - Half precision is computed in float32 and rounded once: ``rtol[half] * |e|`` for that
@@ -518,7 +519,7 @@ def softmax_scales(inp: Inputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # of roundoff in p_k that no float32 implementation avoids (F.cross_entropy included); in float32 that is
     # rtol * |log p_k| / 34, hence the factor.
     sg = aa * omp + p * (total - aa) * (1.0 + np.abs(logp) / 32.0)
-    sg_ref = aa + p * total
+    sg_ref = aa * omp + p * (total - aa)
     sv, sg = _reduce_scale(sv, sg, kw.get("reduction", "mean"), denom)
     k = 1.0 if kw.get("reduction", "mean") != "mean" else (1.0 / denom if denom else 0.0)
     return sv, np.moveaxis(sg, -1, 1), np.moveaxis(sg_ref * k, -1, 1)
