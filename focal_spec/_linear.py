@@ -180,7 +180,10 @@ def linear_options(
     if labels_shape != positions:
         raise ValueError(V.invalid_shape("labels", f"class indices of the hidden states' shape without the "
                                          f"feature axis, {positions}", labels_shape, logits_shape))
-    g = V.check_gamma(gamma)
+    try:
+        g = V.check_gamma(gamma)
+    except ValueError:  # the message without the "or an array of them" that other losses accept
+        raise ValueError(V.invalid_value("gamma", "a finite number >= 0", gamma)) from None
     if not isinstance(g, float):
         raise TypeError(V.invalid_value("gamma", "a finite number >= 0", gamma if not isinstance(g, V.Unknown)
                                         else f"array of shape {tuple(g.shape)}"))

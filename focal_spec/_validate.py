@@ -32,10 +32,8 @@ def invalid_dtype(arg: str, expected: str, received: str) -> str:
 
 
 def invalid_shape(arg: str, expected: str, received: tuple[int, ...], logits_shape: tuple[int, ...]) -> str:
-    return (
-        f"Invalid shape for argument `{arg}`. Expected {expected}. "
-        f"Received: {arg}.shape={tuple(received)}, logits.shape={tuple(logits_shape)}"
-    )
+    logits = "" if arg == "logits" else f", logits.shape={tuple(logits_shape)}"
+    return f"Invalid shape for argument `{arg}`. Expected {expected}. Received: {arg}.shape={tuple(received)}{logits}"
 
 
 def invalid_type(arg: str, expected: str, received: Any) -> str:

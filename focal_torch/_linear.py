@@ -403,7 +403,8 @@ def linear_softmax_focal_loss(
       weight: the output projection, shape (V, D) (``nn.Linear``'s layout; a tied embedding, or ``w.t()`` of a
         (D, V) parameter), ``input``'s dtype.
       target: integer class indices (any integer dtype, compared without wrapping) of shape ``input.shape[:-1]``.
-      bias: optional (V,).
+      bias: optional (V,), any floating dtype: one other than ``input``'s is cast to it (its gradient comes back in
+        its own dtype).
       gamma: focusing parameter :math:`\gamma \ge 0`, a number. Whole numbers up to 8 use multiplications only.
       class_weight: optional per-class weights of shape (V,) (differentiable); ``softmax_focal_loss``'s
         ``weight``.
@@ -461,6 +462,8 @@ def linear_softmax_focal_loss(
         label_smoothing=_option(label_smoothing), reduction=reduction, chunk_size=chunk_size,
         where_shape=C.shape_of(where), where_dtype="bool" if where_dtype is None else where_dtype,
         bias_dtype=None if bias is None else bias.dtype)
+    if bias is not None and bias.dtype != input.dtype:  # the spec has checked that it is floating
+        bias = bias.to(input.dtype)
     if C.any_transformed(input, weight, bias, class_weight, target):
         return _unfused(input, weight, target, bias, gamma, class_weight, ignore_index, label_smoothing, where,
                         reduction, process_group)

@@ -68,8 +68,10 @@ def _original_loss(pred: torch.Tensor, teacher: torch.Tensor, *, gamma: float, g
         if kind == "index":
             _check_indices(y, n_classes, teacher)
         # ignore_index -1 can never hold a class: under compile an out-of-range index gives NaN, never 0
-        total = softmax_focal_loss(pred, y, gamma=gamma, weight=w, dim=ax, reduction="sum", ignore_index=-(2**62))
-        return total / max(y.numel(), 1)
+        # summed in the compute dtype (a float16 sum overflows past 65504) and rounded once, after the division
+        total = softmax_focal_loss(pred.to(cdtype), y, gamma=gamma, weight=w, dim=ax, reduction="sum",
+                                   ignore_index=-(2**62))
+        return (total / max(y.numel(), 1)).to(pred.dtype)
     with C.no_autocast(pred.device):
         x = pred.to(cdtype)
         unchecked = None  # positions whose index is outside [0, C) where the check could not run: NaN

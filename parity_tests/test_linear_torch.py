@@ -255,6 +255,24 @@ def test_where_false_positions_may_hold_nan():
     assert torch.isfinite(val) and torch.isfinite(xl.grad).all() and float(xl.grad[~where].abs().sum()) == 0.0
 
 
+@pytest.mark.parametrize("bias_dtype", [torch.float64, torch.bfloat16])
+def test_bias_of_another_dtype_is_cast_to_the_inputs(bias_dtype):
+    """A floating bias of another dtype gives the loss of ``bias.to(input.dtype)``, and its gradient in its own
+    dtype (``F.linear`` itself would refuse the mix)."""
+    x, w, b, y, _, _ = _data(dtype=torch.float32)
+    b_other = b.to(bias_dtype)
+    res = []
+    for bias in (b_other, b_other.to(torch.float32)):
+        xl, wl, bl = _leaves(x, w, bias)
+        val = focal_torch.linear_softmax_focal_loss(xl, wl, y, bias=bl, chunk_size=4)
+        res.append((val.detach(), torch.autograd.grad(val, (xl, wl, bl))))
+    (v1, g1), (v2, g2) = res
+    assert v1.dtype == torch.float32 and g1[2].dtype == bias_dtype
+    torch.testing.assert_close(v1, v2, rtol=0, atol=0)
+    for a, c in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, c.to(a.dtype), rtol=0, atol=0)
+
+
 def test_backward_twice_and_scaled_cotangent():
     """The kept gradients are handed over only when the graph is freed: retain_graph and a cotangent other than 1
     give the right sums (also through a view: the weight as ``p.t()``)."""
@@ -481,6 +499,8 @@ def test_errors_are_the_specs(name):
     elif name == "reduction":
         call["reduction"] = spec["reduction"] = "avg"
     kind, msg = _spec_error(**spec)
+    if name == "gamma":  # the fused loss takes one number: its message offers no array
+        assert msg == "Invalid value for argument `gamma`. Expected a finite number >= 0. Received: gamma=-1.0"
     with pytest.raises(kind, match=f"^{re.escape(msg)}$"):
         focal_torch.linear_softmax_focal_loss(**call)
 

@@ -410,6 +410,34 @@ def test_original_weights_work_and_match_the_reference(module, logits):
     H.assert_close(grad, ref_g, "float64", "gradient")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("module", ["SegmentationFocalLoss", "ClassificationFocalLoss"])
+def test_original_half_precision_mean_of_many_positions(module, dtype):
+    """``logits=False``: the mean of 2^15 positions whose sum (about 3e4 per unit of loss) exceeds float16's
+    largest number (65504). It is summed in float32 and rounded once, as in the other backend."""
+    import jax.numpy as jnp
+
+    import focal_jax
+
+    rng = np.random.default_rng(3)
+    c = 4
+    x = rng.normal(size=(2, c, 128, 128)) * 3 if module == "SegmentationFocalLoss" else rng.normal(size=(2**15, c)) * 3
+    y = rng.integers(0, c, size=(x.shape[0],) + x.shape[2:])
+    args = () if module == "SegmentationFocalLoss" else (c,)
+    if not args:  # the segmentation module's teacher has pred's shape (one-hot here)
+        y = np.moveaxis(np.eye(c)[y], -1, 1).astype(np.float32)
+    x = x.astype(np.float32)  # the float64 values the half inputs hold, once rounded through float32
+    xt = torch.tensor(x).to(getattr(torch, dtype))
+    held = xt.double().numpy()
+    ref_v, _ = reference.original_focal_loss(held, y, logits=False, n_classes=None if not args else c)
+    assert ref_v * x.size / c > 65504  # the sum itself would not fit
+    tv = getattr(_ft(), module)(*args, logits=False)(xt, torch.tensor(y))
+    jv = getattr(focal_jax, module)(*args, logits=False)(jnp.asarray(held, getattr(jnp, dtype)), jnp.asarray(y))
+    assert tv.dtype == getattr(torch, dtype) and jv.dtype == getattr(jnp, dtype)
+    H.assert_close(tv.float().numpy(), ref_v, dtype, f"torch {module}")
+    H.assert_close(np.asarray(jv, np.float32), ref_v, dtype, f"jax {module}")
+
+
 def test_original_modules_follow_the_input_device():
     """Nothing is moved to CUDA: the class weights and the one-hot go where pred and teacher are."""
     ft = _ft()
