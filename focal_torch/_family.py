@@ -29,7 +29,7 @@ from torch import nn
 
 import focal_spec
 from focal_torch import _common as C
-from focal_torch import _distributed
+from focal_torch import _distributed, _modules
 
 _variants = focal_spec.variants
 
@@ -631,10 +631,7 @@ class _FamilyModule(nn.Module):
                                   reduction=reduction, **known)
         self._names = (*options, "weight", "where", "reduction")
         for name, value in (*options.items(), ("weight", weight), ("where", where)):
-            if isinstance(value, torch.Tensor):
-                self.register_buffer(name, value)
-            else:
-                setattr(self, name, value)
+            _modules._store(self, name, value)
         self.reduction = reduction
         self.process_group = process_group
 

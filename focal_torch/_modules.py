@@ -12,10 +12,16 @@ from focal_torch import _common as C
 from focal_torch._sigmoid import sigmoid_focal_loss
 from focal_torch._softmax import softmax_focal_loss
 
+TENSOR_OPTIONS = ("weight", "pos_weight", "where", "class_weight")
+"""Options that are a tensor or None: None is registered as an empty buffer, so that a tensor assigned later
+(``loss.weight = w``) is a buffer too (in ``state_dict``, moved by ``module.to(...)``), as in ``torch.nn``'s
+losses. Options that may also be numbers (``gamma``, ``alpha``) stay plain attributes when not tensors."""
+
 
 def _store(module: nn.Module, name: str, value: Any) -> None:
-    """Tensors become buffers (they follow ``module.to(...)``); anything else a plain attribute."""
-    if isinstance(value, torch.Tensor):
+    """Tensors become buffers (they follow ``module.to(...)``), and so does None for a tensor-only option;
+    anything else a plain attribute."""
+    if isinstance(value, torch.Tensor) or (value is None and name in TENSOR_OPTIONS):
         module.register_buffer(name, value)
     else:
         setattr(module, name, value)

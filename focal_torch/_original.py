@@ -47,21 +47,19 @@ def _check_indices(y: torch.Tensor, n_classes: int, teacher: torch.Tensor) -> bo
 
 
 def _original_loss(pred: torch.Tensor, teacher: torch.Tensor, *, gamma: float, gamma_int: int | None,
-                   weights: tuple[float, ...] | None, weight_buffer: torch.Tensor | None, logits: bool,
-                   classification: bool, n_classes: int | None = None) -> torch.Tensor:
+                   weights: torch.Tensor | None, logits: bool, classification: bool,
+                   n_classes: int | None = None) -> torch.Tensor:
     C.check_tensor("pred", pred)
     if not isinstance(teacher, torch.Tensor):
         teacher = torch.as_tensor(teacher, device=pred.device)
-    ax, kind = focal_spec.check_original_call(tuple(pred.shape), pred.dtype, tuple(teacher.shape), weights,
-                                              focal_spec.ORIGINAL_CLASS_AXIS, classification, n_classes)
+    shapes = (tuple(pred.shape), pred.dtype, tuple(teacher.shape))
+    ax, kind = focal_spec.check_original_call(*shapes, None, focal_spec.ORIGINAL_CLASS_AXIS, classification,
+                                              n_classes)
     n_classes = pred.shape[ax]
+    if weights is not None and weights.shape[0] != n_classes:  # the spec's error, with the values
+        focal_spec.check_original_call(*shapes, tuple(weights.tolist()), ax, classification, n_classes)
     cdtype = C.compute_dtype(pred.dtype)
-    w = None
-    if weights is not None:
-        if cdtype == torch.float64 or weight_buffer is None:  # exact weights in float64
-            w = torch.tensor(weights, dtype=cdtype, device=pred.device)
-        else:
-            w = weight_buffer.to(device=pred.device, dtype=cdtype)
+    w = None if weights is None else weights.to(device=pred.device, dtype=cdtype)
     if not logits:
         # Softmax focal loss on the class indices, weighted per position by its class, plain mean.
         y = teacher.long() if kind == "index" else teacher.argmax(ax)
@@ -111,20 +109,22 @@ class _OriginalBase(nn.Module):
         opts = focal_spec.original_options(gamma, weights, logits, n_classes)
         self.gamma = opts.gamma
         self.logits = opts.logits
-        self._weights = opts.weights
-        self._gamma_int = focal_spec.integer_gamma(opts.gamma)
-        self.register_buffer("class_weight", None if opts.weights is None else torch.tensor(opts.weights))
+        # the one copy of the weights: float64 (exact for a float64 pred), in state_dict, moved by module.to(...)
+        self.register_buffer("class_weight", None if opts.weights is None else
+                             torch.tensor(opts.weights, dtype=torch.float64))
         if not opts.logits and opts.weights is not None:
             warnings.warn(focal_spec.original_logits_false_weights(), RuntimeWarning, stacklevel=3)
 
     def _loss(self, pred: torch.Tensor, teacher: torch.Tensor, classification: bool,
               n_classes: int | None = None) -> torch.Tensor:
-        return _original_loss(pred, teacher, gamma=self.gamma, gamma_int=self._gamma_int, weights=self._weights,
-                              weight_buffer=self.class_weight, logits=self.logits, classification=classification,
+        # gamma and logits as they are now (attributes may be changed after construction), checked as at construction
+        opts = focal_spec.original_options(self.gamma, None, self.logits)
+        return _original_loss(pred, teacher, gamma=opts.gamma, gamma_int=focal_spec.integer_gamma(opts.gamma),
+                              weights=self.class_weight, logits=opts.logits, classification=classification,
                               n_classes=n_classes)
 
     def extra_repr(self) -> str:
-        weights = None if self._weights is None else list(self._weights)
+        weights = None if self.class_weight is None else self.class_weight.tolist()
         return f"gamma={self.gamma}, weights={weights}, logits={self.logits}"
 
 
@@ -150,9 +150,10 @@ class SegmentationFocalLoss(_OriginalBase):
 
     Args:
       gamma: focusing parameter :math:`\gamma \ge 0`.
-      weights: optional per-class weights, a sequence of C numbers (stored as the buffer
-        ``class_weight``).
+      weights: optional per-class weights, a sequence of C numbers, stored as the float64 buffer
+        ``class_weight`` (the weights the call uses: ``load_state_dict`` and ``module.to(...)`` change them).
       logits: ``True`` for the sigmoid path, ``False`` for the softmax path; both take raw scores.
+        ``gamma`` and ``logits`` may be changed on the module; they are checked again at each call.
 
     Call ``loss(pred, teacher)`` with ``pred`` of shape (B, C, H, W) (any floating dtype; gradients
     flow to it) and ``teacher`` of the same shape (one-hot or soft).
@@ -200,9 +201,10 @@ class ClassificationFocalLoss(_OriginalBase):
     Args:
       n_classes: number of classes C (>= 1); ``weights`` must have that length.
       gamma: focusing parameter :math:`\gamma \ge 0`.
-      weights: optional per-class weights, a sequence of C numbers (stored as the buffer
-        ``class_weight``).
+      weights: optional per-class weights, a sequence of C numbers, stored as the float64 buffer
+        ``class_weight`` (the weights the call uses: ``load_state_dict`` and ``module.to(...)`` change them).
       logits: ``True`` for the sigmoid path, ``False`` for the softmax path; both take raw scores.
+        ``gamma`` and ``logits`` may be changed on the module; they are checked again at each call.
 
     Call ``loss(pred, teacher)`` with ``pred`` of shape (B, C) and ``teacher`` either integer class
     indices of shape (B,) or a one-hot (B, C), in both modes.

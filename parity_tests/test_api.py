@@ -81,3 +81,42 @@ def test_torch_modules_take_the_functional_arguments():
         # options added later are keyword-only
         assert set(m) == set(f), (mod, sorted(set(m) ^ set(f)))
         assert all(m[n].default == f[n].default for n in f), mod
+
+
+TENSOR_OPTIONS = [("SigmoidFocalLoss", "weight"), ("SigmoidFocalLoss", "pos_weight"), ("SigmoidFocalLoss", "where"),
+                  ("SoftmaxFocalLoss", "weight"), ("SoftmaxFocalLoss", "where"), ("AsymmetricLoss", "weight"),
+                  ("QualityFocalLoss", "where"), ("VarifocalLoss", "weight"),
+                  ("LinearSoftmaxFocalLoss", "class_weight"), ("LinearSoftmaxFocalLoss", "where")]
+
+
+@pytest.mark.parametrize("module,name", TENSOR_OPTIONS, ids=[f"{m}.{n}" for m, n in TENSOR_OPTIONS])
+def test_torch_tensor_option_assigned_later_is_a_buffer(module, name):
+    """A tensor-only option built as None is an empty buffer, as ``torch.nn``'s losses' ``weight``: a tensor
+    assigned later is in ``state_dict`` and follows ``module.to(...)``, and the call uses it."""
+    import torch
+
+    import focal_torch
+
+    m = getattr(focal_torch, module)()
+    assert name not in m.state_dict()
+    value = torch.tensor([True, False, True]) if name == "where" else torch.tensor([0.5, 2.0, 1.0])
+    setattr(m, name, value)
+    assert torch.equal(m.state_dict()[name], value)
+    m.double()
+    assert getattr(m, name).dtype == (torch.bool if name == "where" else torch.float64)
+    x, w = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    if module == "LinearSoftmaxFocalLoss":
+        y = torch.tensor([0, 2, 1])
+        got = m(x, w, y)
+        fn, call = focal_torch.linear_softmax_focal_loss, (x, w, y)
+    else:
+        y = torch.tensor([0, 2, 1]) if module == "SoftmaxFocalLoss" else torch.rand(3, 3, dtype=torch.float64)
+        got = m(x, y)
+        fn = getattr(focal_torch, {"SigmoidFocalLoss": "sigmoid_focal_loss", "SoftmaxFocalLoss": "softmax_focal_loss",
+                                   "AsymmetricLoss": "asymmetric_loss", "QualityFocalLoss": "quality_focal_loss",
+                                   "VarifocalLoss": "varifocal_loss"}[module])
+        call = (x, y)
+    expected = fn(*call, **{name: getattr(m, name)})
+    without = fn(*call)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, without)

@@ -438,6 +438,40 @@ def test_original_half_precision_mean_of_many_positions(module, dtype):
     H.assert_close(np.asarray(jv, np.float32), ref_v, dtype, f"jax {module}")
 
 
+@pytest.mark.parametrize("logits", [True, False], ids=["logits=True", "logits=False"])
+@pytest.mark.parametrize("gamma", [3.0, 2.5, 0.0])
+def test_original_modules_honour_a_changed_gamma(gamma, logits):
+    """``loss.gamma = ...`` after construction gives the loss of a module built with it, and an invalid value
+    raises at the call (as the constructor would), for both paths."""
+    ft = _ft()
+    _, _, p, y = _original_inputs()
+    changed = ft.ClassificationFocalLoss(3, gamma=2.0, logits=logits)
+    changed.gamma = gamma
+    fresh = ft.ClassificationFocalLoss(3, gamma=gamma, logits=logits)
+    torch.testing.assert_close(changed(p, y), fresh(p, y), rtol=0, atol=0)
+    changed.gamma = -1.0
+    with pytest.raises(ValueError, match="gamma"):
+        changed(p, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("module", ["SegmentationFocalLoss", "ClassificationFocalLoss"])
+def test_original_weights_have_one_source(module, dtype):
+    """The ``class_weight`` buffer is the weights: loaded from another module's state_dict it gives that module's
+    loss for every pred dtype, and the repr shows it."""
+    ft = _ft()
+    pred, teacher, p, y = _original_inputs()
+    args, (x, t) = ((), (pred, teacher)) if module == "SegmentationFocalLoss" else ((3,), (p, y))
+    a = getattr(ft, module)(*args, weights=[1.0, 2.0, 3.0])
+    b = getattr(ft, module)(*args, weights=[3.0, 0.5, 1.0])
+    a.load_state_dict(b.state_dict())
+    assert "weights=[3.0, 0.5, 1.0]" in repr(a)
+    torch.testing.assert_close(a(x.to(dtype), t), b(x.to(dtype), t), rtol=0, atol=0)
+    ref_v, _ = reference.original_focal_loss(x.double().numpy(), t.numpy(), weights=[3.0, 0.5, 1.0],
+                                             n_classes=None if not args else 3)
+    H.assert_close(a(x.to(dtype), t).detach().numpy(), ref_v, str(dtype).split(".")[1], "loaded weights")
+
+
 def test_original_modules_follow_the_input_device():
     """Nothing is moved to CUDA: the class weights and the one-hot go where pred and teacher are."""
     ft = _ft()
