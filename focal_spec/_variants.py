@@ -52,7 +52,7 @@ CLASS_BALANCE_BETA: float = 0.999
 def check_nonnegative(arg: str, value: Any) -> float:
     expected = "a finite number >= 0"
     v = V._as_float(arg, value, expected)
-    if not math.isfinite(v) or v < 0:
+    if not 0.0 <= v < math.inf:  # NaN fails too; comparisons only (a number traced by torch.compile has no isfinite)
         raise ValueError(V.invalid_value(arg, expected, value))
     return v
 
@@ -61,7 +61,7 @@ def check_poly1(value: Any) -> float:
     """ε₁ of Poly-1: any finite number (the paper uses negative values too); 0 is the focal loss."""
     expected = "a finite number"
     v = V._as_float("poly1", value, expected)
-    if not math.isfinite(v):
+    if not -math.inf < v < math.inf:  # NaN fails too; comparisons only
         raise ValueError(V.invalid_value("poly1", expected, value))
     return v
 

@@ -188,6 +188,26 @@ def spec_gamma(gamma: Any) -> Any:
     return spec_value(gamma)
 
 
+def distinct(args: tuple) -> tuple:
+    """``args`` with each tensor that repeats an earlier one (the same tensor passed as two options) replaced by
+    a view of it: Dynamo refuses an ``autograd.Function`` given one tensor twice."""
+    out: list = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and any(a is b for b in out):
+            a = a.view_as(a)
+        out.append(a)
+    return tuple(out)
+
+
+def spec_unit(arg: str, value: Any) -> Any:
+    """:func:`spec_value` of an option in [0, 1] (``alpha``, ``label_smoothing``). Under ``torch.compile`` a Python
+    number is still range-checked, with comparisons (graph guards, not specialisations)."""
+    if is_compiling() and type(value) in (int, float) and not 0.0 <= value <= 1.0:
+        # the value itself may be symbolic: it cannot be formatted into the message while tracing
+        raise ValueError(focal_spec.invalid_value(arg, "a number in [0, 1]", "a number outside [0, 1]"))
+    return spec_value(value)
+
+
 def hold_logits(ctx: Any, x: torch.Tensor) -> None:
     """Keeps a weak reference to the logits on ``ctx``: a kernel that saves dℓ/dx in their place needs them only
     for a double backward (:func:`held_logits`)."""

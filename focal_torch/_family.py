@@ -320,7 +320,7 @@ def _family_loss(loss: str, term: Callable[..., torch.Tensor], input: torch.Tens
     opts = focal_spec.family_options(
         loss, tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, weight_shape=C.shape_of(weight),
         where_shape=C.shape_of(where), where_dtype=_where_dtype(where), reduction=reduction,
-        label_smoothing=C.spec_value(label_smoothing), weight=C.spec_value(weight), **hyper)
+        label_smoothing=C.spec_unit("label_smoothing", label_smoothing), weight=C.spec_value(weight), **hyper)
     cdt = C.compute_dtype(input.dtype)
     shape = input.shape
     with C.no_autocast(dev):

@@ -415,7 +415,8 @@ def linear_softmax_focal_loss(
       reduction: ``"none"``, ``"sum"`` or ``"mean"`` (divided by :math:`\sum_i w_{y_i}` over counted positions;
         0 when that is exactly 0).
       chunk_size: positions per chunk, an integer >= 1, or None: as many as keep one chunk's float32 logits
-        within 1/9 of all the logits' bytes and 64 MiB (``focal_spec.pick_chunk_size``).
+        within 1/9 of all the logits' bytes and 64 MiB (``focal_spec.pick_chunk_size``); under ``torch.compile``
+        and ``torch.export``, within 64 MiB only (a chunk picked from the batch size would fix a dynamic batch).
       process_group: a ``torch.distributed`` process group: with ``"mean"`` the denominator is all-reduced, as
         for :func:`focal_torch.softmax_focal_loss`.
 
@@ -456,6 +457,9 @@ def linear_softmax_focal_loss(
     target = C.checked_target(input, target, weight=weight, bias=bias, class_weight=class_weight, where=where)
     where_dtype = None if where is None else (where.dtype if isinstance(where, torch.Tensor) else
                                               torch.as_tensor(where).dtype)
+    if chunk_size is None and C.is_compiling() and weight.dim() == 2:
+        # the chunk from the memory budget alone: one picked from the batch size would specialise a dynamic batch
+        chunk_size = focal_spec.pick_chunk_size(2**62, input.shape[-1], weight.shape[0], input.element_size())
     so = focal_spec.linear_options(
         tuple(input.shape), input.dtype, tuple(weight.shape), weight.dtype, C.shape_of(bias), tuple(target.shape),
         target.dtype, gamma=_option(gamma), class_weight_shape=C.shape_of(class_weight), ignore_index=ignore_index,

@@ -981,7 +981,8 @@ def sigmoid_focal_loss(
     focal_spec.check_weight("pos_weight", C.spec_value(pos_weight))
     o = _options(
         tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=C.spec_gamma(gamma),
-        alpha=C.spec_value(alpha), weight_shape=C.shape_of(weight), label_smoothing=C.spec_value(label_smoothing),
+        alpha=C.spec_unit("alpha", alpha), weight_shape=C.shape_of(weight),
+        label_smoothing=C.spec_unit("label_smoothing", label_smoothing),
         where_shape=C.shape_of(where), reduction=reduction, where_dtype=_where_dtype(where),
         pos_weight_shape=C.shape_of(pos_weight))
     cdtype = C.compute_dtype(input.dtype)
@@ -1028,7 +1029,7 @@ def sigmoid_focal_loss(
             return _reduce(loss, opts, scale).to(input.dtype)
     args = (input, target, alpha_t, weight_t, pw_t, gamma_t, mask, scale, eps, opts)
     if C.is_compiling():
-        return _SigmoidFocalCompiled.apply(*args)
+        return _SigmoidFocalCompiled.apply(*C.distinct(args))
     if not C.any_transformed(*args[:9]):
         try:
             return _SigmoidFocal.apply(*args)

@@ -421,7 +421,8 @@ def _options(input, target, gamma, weight, ignore_index, label_smoothing, where,
             return hit
     o = focal_spec.softmax_options(
         tuple(input.shape), input.dtype, tuple(target.shape), target.dtype, gamma=C.spec_gamma(gamma),
-        weight_shape=C.shape_of(weight), ignore_index=ignore_index, label_smoothing=C.spec_value(label_smoothing),
+        weight_shape=C.shape_of(weight), ignore_index=ignore_index,
+        label_smoothing=C.spec_unit("label_smoothing", label_smoothing),
         where_shape=C.shape_of(where), axis=dim, reduction=reduction, axis_arg="dim",
         where_dtype="bool" if where_dtype is None else where_dtype)
     if key is not None:

@@ -61,8 +61,9 @@ def test_exported_module_matches_the_reference(loss, strict, dynamic):
     H.assert_close(out.detach().numpy(), expected, "float32", f"exported {loss}")
 
 
+@pytest.mark.parametrize("chunk_size", [3, None], ids=["chunk=3", "chunk=auto"])
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
-def test_exported_linear_loss_matches_the_reference(strict):
+def test_exported_linear_loss_matches_the_reference(strict, chunk_size):
     """The fused linear loss exported with a dynamic batch: the program holds the chunked operator, and run on a
     batch of another size it gives the float64 reference's loss of the materialised logits."""
     ft = _ft()
@@ -71,7 +72,7 @@ def test_exported_linear_loss_matches_the_reference(strict):
         def __init__(self):
             super().__init__()
             self.proj = torch.nn.Linear(6, 5)
-            self.loss = ft.LinearSoftmaxFocalLoss(gamma=0.5, chunk_size=3)
+            self.loss = ft.LinearSoftmaxFocalLoss(gamma=0.5, chunk_size=chunk_size)
 
         def forward(self, h, y):
             return self.loss(h, self.proj.weight, y, bias=self.proj.bias)
