@@ -62,8 +62,11 @@ def host_value(value: Any) -> Any:
     """
     if is_traced(value):
         return focal_spec.Unknown(tuple(value.shape), focal_spec.dtype_name(value.dtype))
-    if isinstance(value, jax.Array):
-        return np.asarray(value)
+    if isinstance(value, (jax.Array, np.ndarray)):
+        arr = np.asarray(value)
+        if arr.dtype not in (np.float32, np.float64) and jnp.issubdtype(arr.dtype, jnp.floating):
+            arr = arr.astype(np.float32)  # bfloat16 (not a NumPy kind "f") and float16: exact in float32
+        return arr
     return value
 
 

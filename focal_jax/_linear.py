@@ -310,6 +310,7 @@ def linear_softmax_focal_loss(
         labels.dtype, gamma=gamma, class_weight_shape=_common.shape_of(class_weight), ignore_index=ignore_index,
         label_smoothing=_common.host_value(label_smoothing), reduction=reduction, chunk_size=chunk_size,
         where_shape=_common.shape_of(where), where_dtype=_common.dtype_of(where), bias_dtype=_common.dtype_of(bias),
+        class_weight=_common.host_value(class_weight),
     )
     cdt = _common.compute_dtype(hidden.dtype)
     n, d, v = opts.n_positions, opts.hidden_dim, opts.num_classes

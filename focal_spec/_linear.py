@@ -138,13 +138,14 @@ def linear_options(
     bias_shape: tuple[int, ...] | None, labels_shape: tuple[int, ...], labels_dtype: Any, *, gamma: Any,
     class_weight_shape: tuple[int, ...] | None, ignore_index: Any, label_smoothing: Any, reduction: Any,
     chunk_size: Any, where_shape: tuple[int, ...] | None = None, where_dtype: Any = "bool",
-    bias_dtype: Any = None,
+    bias_dtype: Any = None, class_weight: Any = None,
 ) -> LinearOptions:
     """Validates a ``linear_softmax_focal_loss`` call; returns the options with the chunk size resolved.
 
     ``gamma`` is a number (static; an array γ is a TypeError here). ``label_smoothing`` is a host value or
-    :class:`~focal_spec.Unknown`. ``hidden`` and ``weight`` must share one floating dtype; ``bias``, when given,
-    must be floating.
+    :class:`~focal_spec.Unknown`, and so is ``class_weight`` when given (its values are checked as
+    ``softmax_focal_loss``'s ``weight``: finite numbers, not booleans). ``hidden`` and ``weight`` must share one
+    floating dtype; ``bias``, when given, must be floating.
 
     >>> o = linear_options((4, 8), "float32", (10, 8), "float32", None, (4,), "int64", gamma=2.0,
     ...                    class_weight_shape=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
@@ -187,6 +188,7 @@ def linear_options(
     if not isinstance(g, float):
         raise TypeError(V.invalid_value("gamma", "a finite number >= 0", gamma if not isinstance(g, V.Unknown)
                                         else f"array of shape {tuple(g.shape)}"))
+    V.check_weight("class_weight", class_weight)
     if class_weight_shape is not None:
         V.check_class_weight("class_weight", class_weight_shape, v, logits_shape)
     if where_shape is not None:

@@ -465,7 +465,7 @@ def linear_softmax_focal_loss(
         target.dtype, gamma=_option(gamma), class_weight_shape=C.shape_of(class_weight), ignore_index=ignore_index,
         label_smoothing=_option(label_smoothing), reduction=reduction, chunk_size=chunk_size,
         where_shape=C.shape_of(where), where_dtype="bool" if where_dtype is None else where_dtype,
-        bias_dtype=None if bias is None else bias.dtype)
+        bias_dtype=None if bias is None else bias.dtype, class_weight=C.spec_value(class_weight))
     if bias is not None and bias.dtype != input.dtype:  # the spec has checked that it is floating
         bias = bias.to(input.dtype)
     if C.any_transformed(input, weight, bias, class_weight, target):

@@ -592,7 +592,8 @@ def softmax_focal_loss(
                  None if gamma_t is not None else o.gamma_int)
     eps: Any = o.label_smoothing
     if eps is None or _wants_grad(label_smoothing):
-        eps = label_smoothing if isinstance(label_smoothing, torch.Tensor) else \
+        # in the compute dtype (a float16 ε would round 1 - ε and ε/C); its gradient comes back in its own dtype
+        eps = label_smoothing.to(device=dev, dtype=cdtype) if isinstance(label_smoothing, torch.Tensor) else \
             torch.as_tensor(label_smoothing, dtype=cdtype, device=dev)
     weight_t = C.as_tensor(weight, dtype=None if _wants_grad(weight) else cdtype, device=dev)
     mask = C.as_tensor(where, dtype=torch.bool, device=dev)

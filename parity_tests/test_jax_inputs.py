@@ -559,3 +559,29 @@ def test_one_class_is_zero_loss_and_zero_gradient(labels):
     for gamma in (0.0, 2.0, 0.5, jnp.asarray(0.5)):
         value, grad = jax.value_and_grad(lambda a, g=gamma: focal_jax.softmax_focal_loss(a, y, gamma=g))(x)
         assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
+
+
+BF16_OPTIONS = {
+    "sigmoid-alpha": (lambda o: focal_jax.sigmoid_focal_loss(_BX, _BT, alpha=o), [0.25, 0.5, 0.75]),
+    "sigmoid-weight": (lambda o: focal_jax.sigmoid_focal_loss(_BX, _BT, weight=o), [1.0, 2.0, 0.5]),
+    "sigmoid-pos_weight": (lambda o: focal_jax.sigmoid_focal_loss(_BX, _BT, pos_weight=o), [1.0, 3.0, 0.5]),
+    "sigmoid-gamma": (lambda o: focal_jax.sigmoid_focal_loss(_BX, _BT, gamma=o), [2.0, 1.5, 0.0]),
+    "softmax-weight": (lambda o: focal_jax.softmax_focal_loss(_BX, _BY, weight=o), [1.0, 2.0, 0.5]),
+    "softmax-gamma": (lambda o: focal_jax.softmax_focal_loss(_BX, _BY, gamma=o), [2.0, 1.5, 0.0]),
+    "asymmetric-weight": (lambda o: focal_jax.asymmetric_loss(_BX, _BT, weight=o), [1.0, 2.0, 0.5]),
+}
+_BX = np.random.default_rng(11).normal(size=(4, 3)).astype(np.float32) * 2
+_BT = (np.random.default_rng(12).random((4, 3)) < 0.4).astype(np.float32)
+_BY = np.array([0, 2, 1, 2])
+
+
+@pytest.mark.parametrize("name", sorted(BF16_OPTIONS))
+def test_bfloat16_and_float16_option_arrays_are_their_values(name):
+    """An option array of a half dtype (bfloat16's NumPy kind is not "f") is checked and used as its values, as
+    torch takes a half-precision tensor: the float32 array of the same values gives the same loss."""
+    fn, values = BF16_OPTIONS[name]
+    expected = np.asarray(fn(jnp.asarray(values, jnp.float32)))
+    for dtype in (jnp.bfloat16, jnp.float16):
+        option = jnp.asarray(values, dtype)
+        np.testing.assert_array_equal(np.asarray(fn(option)), expected)
+        np.testing.assert_array_equal(np.asarray(fn(np.asarray(option))), expected)  # as a NumPy array too

@@ -91,6 +91,9 @@ BAD = [
     dict(y=(3,)),
     dict(ydt="float32"),
     dict(cw=(6,)),
+    dict(cw_values=[True, False, True, True, False]),  # booleans are not the weights 1 and 0
+    dict(cw_values=[1.0, float("nan"), 1.0, 1.0, 1.0]),
+    dict(cw_values=[1.0, 1.0, float("inf"), 1.0, 1.0]),
     dict(chunk_size=0),
     dict(chunk_size=2.0),
     dict(reduction="avg"),
@@ -114,8 +117,12 @@ def test_same_errors(bad):
     h, w, y = np.ones(hs, hdt), np.ones(ws, wdt), np.zeros(ys, ydt)
     b = None if bs is None else np.ones(bs, np.float32)
     cw = None if cws is None else np.ones(cws, np.float32)
+    if "cw_values" in bad:
+        cw = np.asarray(bad["cw_values"])
     ej = _error(lambda: focal_jax.linear_softmax_focal_loss(h, w, y, bias=b, class_weight=cw, **kw))
     et = _error(lambda: focal_torch.linear_softmax_focal_loss(
         torch.from_numpy(h), torch.from_numpy(w), torch.from_numpy(y), bias=None if b is None else torch.from_numpy(b),
         class_weight=None if cw is None else torch.from_numpy(cw), **kw))
     assert ej is not None and ej == et
+    if "cw_values" in bad:  # the message softmax_focal_loss gives for the same weight, named class_weight
+        assert ej[1].startswith("Invalid value for argument `class_weight`"), ej

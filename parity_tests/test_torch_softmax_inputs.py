@@ -457,3 +457,20 @@ def test_half_logits_are_computed_in_float32(dtype):
     assert out.dtype == tx.dtype and tx.grad.dtype == tx.dtype
     H.assert_close(out.float().detach(), ref_v, dtype, "value")
     H.assert_close(tx.grad.float(), ref_g, dtype, "gradient", scale=np.abs(ref_g).max(1, keepdims=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64])
+def test_label_smoothing_tensor_that_requires_grad_is_its_value(x_dtype, dtype):
+    """A 0-d ε tensor of another dtype that requires grad gives the loss of its value as a number (computed in
+    the input's compute dtype, not in ε's), and its gradient in ε's dtype."""
+    ft = _ft()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=g, dtype=x_dtype) * 2
+    y = torch.randint(0, 4, (6,), generator=g)
+    eps = torch.tensor(0.1, dtype=dtype, requires_grad=True)
+    got = ft.softmax_focal_loss(x, y, label_smoothing=eps)
+    expected = ft.softmax_focal_loss(x, y, label_smoothing=float(eps))
+    torch.testing.assert_close(got.detach(), expected, rtol=0, atol=0)
+    (d_eps,) = torch.autograd.grad(got, eps)
+    assert d_eps.dtype == dtype and torch.isfinite(d_eps)
