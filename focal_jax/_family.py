@@ -163,16 +163,18 @@ def _asymmetric_parts(x: jax.Array, t: jax.Array, *, gamma_pos: float, gamma_neg
     else:
         active = s > clip
         pm = jnp.maximum(s - clip, 0.0)
-        nu = -jnp.log1p(-pm)  # 1 - p_m is exact, and >= 1/2 below p_m = 1/2; >= m everywhere
+        omp = jnp.minimum(sn + clip, 1.0)  # 1 - p_m as a sum: the difference loses the digits of a small s̄ + m
+        # -log1p(-p_m) below p_m = 1/2 (where 1 - p_m is exact), -log of the sum above
+        nu = jnp.where(pm < 0.5, -jnp.log1p(-jnp.minimum(pm, 0.5)), -jnp.log(omp))
         if gamma_neg == 0.0:
-            neg, d_neg = nu, jnp.where(active, s * sn / (1.0 - pm), 0.0)
+            neg, d_neg = nu, jnp.where(active, s * sn / omp, 0.0)
         else:
             k = _whole(gamma_neg)
             if k is not None:
                 m1 = _common.power(pm, k - 1)
             else:  # p_m^(γ₋-1) in log space, 0 where the margin is inactive (where log sees 1)
                 m1 = jnp.where(active, jnp.exp((gamma_neg - 1.0) * jnp.log(jnp.where(active, pm, 1.0))), 0.0)
-            neg, d_neg = m1 * pm * nu, s * sn * m1 * (gamma_neg * nu + pm / (1.0 - pm))
+            neg, d_neg = m1 * pm * nu, s * sn * m1 * (gamma_neg * nu + pm / omp)
     return t * pos + (1.0 - t) * neg, t * d_pos + (1.0 - t) * d_neg, pos - neg
 
 

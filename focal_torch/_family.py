@@ -162,6 +162,12 @@ def _sided_ce(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, sn: torch.Tenso
     return r.lerp_(torch.sub(r, x), t).sub_(lg)
 
 
+def _asl_nu(pm: torch.Tensor, one_minus: torch.Tensor) -> torch.Tensor:
+    """ν = -log(1 - p_m): -log1p(-p_m) below p_m = 1/2, where 1 - p_m is exact; above, -log of 1 - p_m formed as
+    the sum min(s̄ + m, 1) (``one_minus``), never as the difference, which loses the digits of a small s̄ + m."""
+    return torch.where(pm < 0.5, torch.neg(pm).log1p_().neg_(), torch.log(one_minus).neg_())
+
+
 def _asl_loss_(x: torch.Tensor, t: torch.Tensor, *, gamma_pos: float, gamma_neg: float,
                clip: float) -> torch.Tensor:
     pos = _softplus(x, negate=True)
@@ -170,7 +176,7 @@ def _asl_loss_(x: torch.Tensor, t: torch.Tensor, *, gamma_pos: float, gamma_neg:
         pos.mul_(_pow_(torch.neg(x).sigmoid_(), gamma_pos))  # type: ignore[arg-type]
     if clip != 0.0:
         pm = torch.sigmoid(x).sub_(clip).clamp_min_(0.0)
-        neg = torch.neg(pm).log1p_().neg_()  # -log(1 - p_m): 1 - p_m is exact, and >= 1/2 below p_m = 1/2
+        neg = _asl_nu(pm, torch.neg(x).sigmoid_().add_(clip).clamp_max_(1.0))
     else:
         pm = torch.sigmoid(x)
         neg = _softplus(x)
@@ -189,12 +195,13 @@ def _asl_grad_(x: torch.Tensor, t: torch.Tensor, *, gamma_pos: float, gamma_neg:
         dpos.mul_(_pow_(sn.clone(), gamma_pos)).neg_()  # type: ignore[arg-type]
     if clip != 0.0:
         pm = torch.sub(s, clip).clamp_min_(0.0)
-        one_minus = torch.rsub(pm, 1.0)
+        one_minus = torch.add(sn, clip).clamp_max_(1.0)  # 1 - p_m as a sum
         if gamma_neg == 0.0:  # 1 / (1 - p_m) where the margin is active, 0 elsewhere
             dneg = one_minus.reciprocal_().mul_(torch.sign(pm))
         else:
+            nu = _asl_nu(pm, one_minus)
             dneg = torch.div(pm, one_minus, out=one_minus)
-            dneg.add_(torch.neg(pm).log1p_(), alpha=-gamma_neg)  # γ₋ ν + p_m / (1 - p_m)
+            dneg.add_(nu, alpha=gamma_neg)  # γ₋ ν + p_m / (1 - p_m)
             if gamma_neg != 1.0:  # p_m^(γ₋-1), finite at p_m = 0 (where it multiplies 0)
                 # _pow_ returns None only for an exponent of 0, excluded by the test above
                 dneg.mul_(_pow_(pm, gamma_neg - 1.0, floor=True))  # type: ignore[arg-type]

@@ -25,9 +25,10 @@ from parity_tests import _harness as H
 BACKENDS = ("jax", "torch")
 SATURATED = np.array([100.0, -100.0, 30.0, -30.0, 17.3, -17.3, 9.0, -9.0])
 
-# Hyperparameter settings per variant: the defaults, fractional exponents, exponents of 0, and no margin.
+# Hyperparameter settings per variant: the defaults, fractional exponents (with a small margin: 1 - p_m must
+# keep its digits where σ(x) rounds to 1), exponents of 0, and no margin.
 HYPER = {
-    "asymmetric": ({}, {"gamma_pos": 0.5, "gamma_neg": 2.5, "clip": 0.1}, {"gamma_pos": 1.0, "gamma_neg": 0.0},
+    "asymmetric": ({}, {"gamma_pos": 0.5, "gamma_neg": 2.5, "clip": 1e-4}, {"gamma_pos": 1.0, "gamma_neg": 0.0},
                    {"gamma_pos": 0.3, "gamma_neg": 1.7, "clip": 0.0}),
     "quality_focal": ({}, {"beta": 0.5}, {"beta": 0.0}, {"beta": 1.7}),
     "varifocal": ({}, {"alpha": 0.4, "gamma": 0.5}, {"gamma": 0.0}, {"alpha": 1.0, "gamma": 3.0}),
@@ -129,8 +130,13 @@ def _scales(loss: str, x: np.ndarray, t: np.ndarray, kw: dict[str, Any]) -> tupl
             neg, dneg = np.where(active, _pow(pm, gn) * nll, 0.0), s * sn * (first + dnll)
             second = (_times(gn * abs(gn - 1.0), _pow(pm, gn - 2.0)) * nll
                       + 2.0 * _times(gn, _pow(pm, gn - 1.0)) / (1.0 - pm) + _pow(pm, gn) / (1.0 - pm) ** 2)
-            cond_v = (s + m) * (first + dnll)  # the rounding of σ(x) - m, times ∂/∂p_m
-            cond_g = (s + m) * s * sn * np.where(active, second, 0.0)
+            # the rounding of σ(x) - m, times ∂/∂p_m; above p_m = 1/2, 1 - p_m is the sum s̄ + m (no rounding of
+            # σ(x) enters it), so only the powers of p_m carry that rounding
+            small = pm < 0.5
+            cond_v = (s + m) * (first + np.where(small, dnll, 0.0))
+            second_big = (_times(gn * abs(gn - 1.0), _pow(pm, gn - 2.0)) * nll
+                          + _times(gn, _pow(pm, gn - 1.0)) / (1.0 - pm))
+            cond_g = (s + m) * s * sn * np.where(active, np.where(small, second, second_big), 0.0)
         sv = w * (t * pos + (1.0 - t) * (neg + cond_v) + (pos + neg if eps else 0.0))
         sg = w * (t * dpos + (1.0 - t) * (dneg + cond_g) + (dpos + dneg if eps else 0.0))
     elif loss == "quality_focal":
