@@ -27,9 +27,8 @@ def as_array(value: jax.typing.ArrayLike, arg: str | None = None) -> jax.Array:
             if narrow != host.dtype:
                 info, lo, hi = np.iinfo(narrow), host.min(), host.max()
                 if lo < info.min or hi > info.max:
-                    raise ValueError(focal_spec.invalid_value(
-                        arg, f"integers that {narrow} holds (JAX narrows {host.dtype} to {narrow} unless "
-                        "jax_enable_x64 is set)", int(lo) if lo < info.min else int(hi)))
+                    raise ValueError(focal_spec.integers_narrowed(
+                        arg, int(lo) if lo < info.min else int(hi), str(host.dtype), str(narrow)))
             return jnp.asarray(host)
     return jnp.asarray(value)
 

@@ -43,6 +43,7 @@ from focal_spec import _variants as variants
 from focal_spec._linear import (
     LinearOptions,
     check_chunk_size,
+    check_linear_gamma,
     class_block,
     linear_options,
     pick_blocks,
@@ -78,6 +79,7 @@ from focal_spec._validate import (
     dtype_kind,
     dtype_name,
     integer_gamma,
+    integers_narrowed,
     invalid_device,
     invalid_dtype,
     invalid_shape,
@@ -93,14 +95,15 @@ from focal_spec._validate import (
 from focal_spec._variants import FLSD_53, FamilyOptions, GammaSchedule, class_balanced_weights, family_options
 
 __all__ = [
-    "LinearOptions", "check_chunk_size", "class_block", "linear", "linear_options", "pick_blocks", "pick_chunk_size",
+    "LinearOptions", "check_chunk_size", "check_linear_gamma", "class_block", "linear", "linear_options",
+    "pick_blocks", "pick_chunk_size",
     "GAMMA_EXPECTED",
     "FLSD_53", "FamilyOptions", "GammaSchedule", "class_balanced_weights", "family_options", "variants",
     "ALPHA", "FLOAT_DTYPES", "GAMMA", "HALF_DTYPES", "IGNORE_INDEX", "JAX_CLASS_AXIS", "LABEL_SMOOTHING",
     "ORIGINAL_CLASS_AXIS", "REDUCTION", "REDUCTIONS", "TORCH_CLASS_DIM", "OriginalOptions", "SigmoidOptions",
     "SoftmaxOptions", "Unknown", "check_alpha", "check_gamma", "check_label_smoothing", "check_original_call",
     "check_reduction", "check_weight",
-    "check_where_dtype", "compute_dtype", "dtype_kind", "dtype_name", "integer_gamma",
+    "check_where_dtype", "compute_dtype", "dtype_kind", "dtype_name", "integer_gamma", "integers_narrowed",
     "invalid_device", "invalid_dtype", "invalid_shape", "invalid_type", "invalid_value", "label_out_of_range",
     "options", "original_logits_false_weights", "original_options", "reference", "sigmoid_options", "softmax_options",
     "targets_out_of_range",

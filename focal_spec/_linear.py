@@ -83,6 +83,24 @@ def check_chunk_size(chunk_size: Any) -> int | None:
     return int(chunk_size)
 
 
+def check_linear_gamma(gamma: Any) -> float:
+    """γ of the fused linear loss: one finite number >= 0 (a host value, or a 0-d array of one). The kernel takes
+    a number, so an array of γ (which the other losses accept) is a TypeError here.
+
+    >>> check_linear_gamma(2)
+    2.0
+    """
+    expected = "a finite number >= 0"
+    try:
+        g = V.check_gamma(gamma)
+    except ValueError:  # the message without the "or an array of them" that other losses accept
+        raise ValueError(V.invalid_value("gamma", expected, gamma)) from None
+    if not isinstance(g, float):
+        raise TypeError(V.invalid_value("gamma", expected, gamma if not isinstance(g, V.Unknown)
+                                        else f"array of shape {tuple(g.shape)}"))
+    return g
+
+
 def pick_chunk_size(n_positions: int, hidden_dim: int, n_classes: int, itemsize: int) -> int:
     """Positions per chunk for a backend that chunks the positions only (all V classes per chunk; PyTorch). Each
     chunk streams the whole weight through three matmuls, so a chunk needs a few hundred positions to run them at
@@ -181,13 +199,7 @@ def linear_options(
     if labels_shape != positions:
         raise ValueError(V.invalid_shape("labels", f"class indices of the hidden states' shape without the "
                                          f"feature axis, {positions}", labels_shape, logits_shape))
-    try:
-        g = V.check_gamma(gamma)
-    except ValueError:  # the message without the "or an array of them" that other losses accept
-        raise ValueError(V.invalid_value("gamma", "a finite number >= 0", gamma)) from None
-    if not isinstance(g, float):
-        raise TypeError(V.invalid_value("gamma", "a finite number >= 0", gamma if not isinstance(g, V.Unknown)
-                                        else f"array of shape {tuple(g.shape)}"))
+    g = check_linear_gamma(gamma)
     V.check_weight("class_weight", class_weight)
     if class_weight_shape is not None:
         V.check_class_weight("class_weight", class_weight_shape, v, logits_shape)

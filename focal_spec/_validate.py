@@ -50,6 +50,13 @@ def targets_out_of_range(value: float) -> str:
     return invalid_value("targets", "values in [0, 1] (mask void elements with `where=`)", float(value))
 
 
+def integers_narrowed(arg: str, value: int, wide: str, narrow: str) -> str:
+    """Message for a host integer that a backend would narrow from ``wide`` to ``narrow`` with wraparound (JAX
+    without x64: int64 to int32), where the wrapped value would be another class or the ignored index."""
+    return invalid_value(arg, f"integers that {narrow} holds (JAX narrows {wide} to {narrow} unless "
+                         "jax_enable_x64 is set)", int(value))
+
+
 def label_out_of_range(value: int, num_classes: int, ignore_index: int | None) -> str:
     """Message for a class index outside ``[0, num_classes)`` that is not ``ignore_index`` (None: the loss
     has no ignore_index, as the original ``ClassificationFocalLoss``)."""

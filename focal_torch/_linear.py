@@ -593,6 +593,7 @@ class LinearSoftmaxFocalLoss(torch.nn.Module):
                  where: torch.Tensor | None = None, reduction: str = focal_spec.REDUCTION,
                  chunk_size: int | None = None, process_group: Any = None) -> None:
         super().__init__()
+        focal_spec.check_linear_gamma(C.spec_value(gamma))  # one number, as the function takes
         _check_options(gamma, reduction, label_smoothing)
         focal_spec.check_chunk_size(chunk_size)
         self.gamma = gamma

@@ -536,6 +536,12 @@ def test_module():
     for bad in (dict(gamma=-1.0), dict(reduction="avg"), dict(chunk_size=0), dict(label_smoothing=2.0)):
         with pytest.raises((ValueError, TypeError)):
             focal_torch.LinearSoftmaxFocalLoss(**bad)
+    # gamma: the function's own errors at construction (one number; an array of γ is refused there, not at call)
+    for gamma, kind in ((-1.0, ValueError), (torch.tensor([1.0, 2.0]), TypeError)):
+        with pytest.raises(kind) as at_call:
+            focal_torch.linear_softmax_focal_loss(x, w, y, gamma=gamma)
+        with pytest.raises(kind, match=f"^{re.escape(str(at_call.value))}$"):
+            focal_torch.LinearSoftmaxFocalLoss(gamma=gamma)
 
 
 def test_default_chunk():
